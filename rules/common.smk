@@ -1,0 +1,50 @@
+from snakemake.exceptions import WorkflowError
+
+# Shared paths and helpers for every rules file.
+
+RESULTS = "results"
+DATA = f"{RESULTS}/data"
+LOGS = "logs"
+BENCH = "benchmarks"
+
+# Each rules file appends the deliverables it adds to `rule all`.
+ALL_TARGETS = []
+SYNTH = "resources/synthetic"
+ISIC = "resources/isic"
+
+
+def entry_script(name):
+    """Path of an entry script in workflow_scripts/ (relative to this rules file)."""
+    return f"../workflow_scripts/{name}"
+
+
+def job_resources(name):
+    """Scheduler resources of a heavy rule from config['resources'][name] (mem_mb, runtime, gpu)."""
+    r = config["resources"][name]
+    out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
+    if r["gpus"]:
+        out["gpu"] = r["gpus"]
+    return out
+
+
+def job_threads(name):
+    return config["resources"][name]["threads"]
+
+
+# One pinned environment for every rule (same pins as requirements.lock); used with --sdm conda.
+CONDA_ENV = "../envs/cfaudit.yaml"
+
+
+def ground_truth_inputs(wildcards):
+    """Originals + their metadata for the configured dataset.source."""
+    if config["dataset"]["source"] == "synthetic":
+        return {"images": f"{SYNTH}/images", "metadata": f"{SYNTH}/metadata.csv"}
+    if config["dataset"]["source"] == "isic":
+        return {"images": f"{ISIC}/download", "metadata": f"{ISIC}/manifest.csv"}
+    folder = config["dataset"]["folder"]
+    for key in ("images", "labels"):
+        if not folder[key]:
+            raise WorkflowError(f"dataset.source is 'folder' but dataset.folder.{key} is empty: set it in your config")
+        if not os.path.exists(folder[key]):
+            raise WorkflowError(f"dataset.folder.{key} = {folder[key]!r} does not exist (relative paths are taken from the working directory)")
+    return {"images": folder["images"], "metadata": folder["labels"]}

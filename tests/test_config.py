@@ -1,0 +1,58 @@
+"""The schema names a bad key, fills defaults, and the shipped config files are valid."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cfaudit.config import ConfigError, deep_update, load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_filled_in_nested_sections():
+    cfg = validate_config({})
+    assert cfg["image_size"] == 256
+    assert cfg["dataset"]["source"] == "synthetic"
+    assert cfg["dataset"]["synthetic"]["n_images"] == 400
+    assert cfg["resources"]["resize"]["threads"] == 2
+    assert cfg["resources"]["resize"]["gpus"] == 0  # default of the shared job definition
+
+
+@pytest.mark.parametrize(
+    "bad, key, words",
+    [
+        ({"imagesize": 64}, "<top level>", "imagesize"),
+        ({"dataset": {"synthetic": {"n_imgs": 3}}}, "dataset.synthetic", "n_imgs"),
+        ({"dataset": {"source": "kaggle"}}, "dataset.source", "kaggle"),
+        ({"split": {"eval_fraction": "a third"}}, "split.eval_fraction", "not of type"),
+        ({"split": {"eval_fraction": 1.5}}, "split.eval_fraction", "1.5"),
+        ({"resources": {"resize": {"threads": 0}}}, "resources.resize.threads", "minimum"),
+    ],
+)
+def test_schema_errors_name_the_key(bad, key, words):
+    with pytest.raises(ConfigError) as err:
+        validate_config(bad)
+    msg = str(err.value)
+    assert f"config key '{key}'" in msg
+    assert words in msg
+
+
+def test_shipped_config_and_presets_validate():
+    for path in [REPO / "config.yaml", *sorted((REPO / "presets").glob("*.yaml"))]:
+        load_config(REPO / "config.yaml", path)
+
+
+def test_deep_update_merges_key_by_key():
+    base = {"a": {"b": 1, "c": 2}, "d": 3}
+    deep_update(base, {"a": {"c": 5}})
+    assert base == {"a": {"b": 1, "c": 5}, "d": 3}
+
+
+def test_snakemake_rejects_a_typo_with_the_key_named(tmp_path, run_snakemake):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(yaml.safe_dump({"resize": {"mdoe": "crop"}}))
+    proc = run_snakemake(tmp_path, cfg, extra_args=["-n"], check=False)
+    assert proc.returncode != 0
+    assert "config key 'resize'" in proc.stderr + proc.stdout
+    assert "mdoe" in proc.stderr + proc.stdout

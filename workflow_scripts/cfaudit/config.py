@@ -1,0 +1,107 @@
+"""Configuration: validation against the schema (which also fills in defaults) and dotted look-ups."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+SCHEMA = Path(__file__).parent / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration does not match the schema; the message names the offending key."""
+
+
+def validate_config(config: dict) -> dict:
+    """Validate ``config`` in place with ``snakemake.utils.validate`` and fill in schema defaults.
+
+    Raises ConfigError whose message starts with the dotted path of the bad key, e.g.
+    ``config key 'dataset.synthetic': Additional properties are not allowed ('n_imgs' was unexpected)``.
+    """
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(SCHEMA), set_default=True)
+    except WorkflowError as err:
+        cause = err.__context__
+        if not isinstance(cause, jsonschema.ValidationError):
+            raise ConfigError(f"invalid configuration: {err}") from err
+        where = ".".join(str(p) for p in cause.absolute_path) or "<top level>"
+        raise ConfigError(
+            f"config key '{where}': {cause.message}. "
+            f"See the config reference in README.md (schema: {SCHEMA.name})."
+        ) from None
+    fill_defaults(config, _load_schema(SCHEMA))
+    return config
+
+
+def _load_schema(path: Path) -> dict:
+    import yaml
+
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def fill_defaults(instance: dict, schema: dict, root: dict | None = None, here: Path = SCHEMA) -> None:
+    """Fill schema defaults into nested sections, following ``$ref`` into sibling schema files.
+
+    snakemake.utils.validate fills defaults only where no ``$ref`` intervenes; the sections live in
+    their own files, so the defaults are completed here after validation has passed.
+    """
+    root = schema if root is None else root
+    ref = schema.get("$ref")
+    if ref:
+        if ref.startswith("#/"):
+            target = root
+            for part in ref[2:].split("/"):
+                target = target[part]
+            fill_defaults(instance, target, root, here)
+        else:
+            path = here.parent / ref
+            loaded = _load_schema(path)
+            fill_defaults(instance, loaded, loaded, path)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if isinstance(instance.get(key), dict):
+            fill_defaults(instance[key], sub, root, here)
+
+
+def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
+    """Merge YAML files left to right (later wins, key by key), apply ``overrides``, validate."""
+    import yaml
+
+    merged: dict = {}
+    for p in paths:
+        with open(p) as fh:
+            deep_update(merged, yaml.safe_load(fh) or {})
+    deep_update(merged, overrides or {})
+    return validate_config(merged)
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    """Recursively merge ``new`` into ``base`` (as Snakemake merges config files)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def get(config: dict, dotted: str) -> Any:
+    """``get(cfg, "dataset.synthetic.n_images")``; a missing key raises KeyError naming the full path."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"config has no key '{dotted}'")
+        node = node[part]
+    return node
+
+
+def config_slice(config: dict, keys: list[str]) -> dict:
+    """The values of the dotted ``keys`` of ``config``, for provenance records and rule params."""
+    return {k: get(config, k) for k in keys}

@@ -1,0 +1,34 @@
+"""File helpers: checksums and writes that never leave a half-written output behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_path(path: str | os.PathLike):
+    """A temporary sibling of ``path``; ``os.replace`` it onto ``path`` once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a CSV atomically (a killed job leaves no truncated table for Snakemake to trust)."""
+    tmp = atomic_path(path)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
