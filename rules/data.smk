@@ -23,6 +23,8 @@ localrules:
 
 rule isic_download:
     """ISIC Archive images + metadata through the official isic-cli (runs on the submit host: needs network)."""
+    input:
+        id_list=lambda wc: [config["dataset"]["isic"]["id_list"]] if config["dataset"]["isic"]["id_list"] else [],
     output:
         download=directory(f"{ISIC}/download"),
         manifest=f"{ISIC}/manifest.csv",

@@ -18,12 +18,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
 def atomic_path(path: str | os.PathLike):
-    """A temporary sibling of ``path``; ``os.replace`` it onto ``path`` once complete."""
+    """A temporary sibling of ``path``; ``os.replace`` it onto ``path`` once complete.
+
+    mkstemp creates files readable by the owner only; the usual umask-based mode is restored so that
+    results are readable by a lab group as any other file would be.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
 
 
