@@ -21,7 +21,9 @@ def entry_script(name):
 def job_resources(name):
     """Scheduler resources of a heavy rule from config['resources'][name] (mem_mb, runtime, gpu)."""
     r = config["resources"][name]
-    out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
+    # mem_mb grows with the attempt (1x, 2x, 3x): a job a scheduler killed for memory is resubmitted with
+    # more when the profile sets `retries` (local runs have no retries, so they see the configured value).
+    out = {"mem_mb": lambda wildcards, attempt: r["mem_mb"] * attempt, "runtime": r["runtime"]}
     if r["gpus"]:
         out["gpu"] = r["gpus"]
     return out
