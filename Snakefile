@@ -1,5 +1,6 @@
 # cfaudit: audit a melanoma classifier with counterfactual images.
-# Stages (one rules file each): data -> classifier -> diffusion / gan -> counterfactuals -> scoring -> metrics.
+# Stages (one rules file each): data -> classifier -> diffusion / gan / guided counterfactuals -> scoring ->
+# metrics, figures, traits and the HTML report.
 # Run `snakemake -n` to see the DAG; README.md documents every rule and config key.
 import os
 import sys
@@ -23,11 +24,13 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 
 
-# TEMPORARY during parallel development: include stage files once they exist.
-for _stage in ["classifier", "scoring", "diffusion", "gan", "guided", "metrics", "report", "traits"]:
-    if os.path.exists(os.path.join(workflow.basedir, "rules", f"{_stage}.smk")):
-
-        include: f"rules/{_stage}.smk"
+include: "rules/classifier.smk"
+include: "rules/scoring.smk"
+include: "rules/diffusion.smk"
+include: "rules/gan.smk"
+include: "rules/guided.smk"
+include: "rules/traits.smk"
+include: "rules/metrics.smk"  # last: it reads other stages' rules and sets the report's front page
 
 
 rule all:

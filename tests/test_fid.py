@@ -1,0 +1,193 @@
+"""FID / KID / classifier-feature FD: the Fréchet distance against closed forms, the weights placement, and
+pytorch-fid's real InceptionV3 code with a SEEDED random-initialised FID-Inception staged offline under a
+temporary TORCH_HOME (facts §6), plus the fallback on the classifier's features when no weights exist."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cfaudit import fid as F
+from cfaudit.metrics_stage import make_realism
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------------------------------------
+def test_frechet_distance_closed_forms():
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2 for standard deviations s
+    assert F.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
+    # diagonal covariances: sum over dims
+    assert F.frechet_distance([0, 0], np.diag([1.0, 4.0]), [1, 0], np.diag([4.0, 16.0])) == pytest.approx(1 + 1 + 4)
+    # general case against scipy's sqrtm formula (what pytorch-fid computes)
+    import scipy.linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(80, 6)), rng.normal(size=(90, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    mu1, s1 = F.feature_stats(a)
+    mu2, s2 = F.feature_stats(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    assert F.fd_from_features(a, a) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        F.frechet_distance([0, 0], np.eye(2), [0], np.eye(1))
+
+
+def test_kid_is_about_zero_for_one_distribution_and_grows():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))
+    same, _, m = F.kid(x, y, subsets=20, subset_size=100, seed=0)
+    far, _, _ = F.kid(x, y + 1.0, subsets=20, subset_size=100, seed=0)
+    assert m == 100 and abs(same) < 0.05 < far
+    assert F.kid(x, y, 20, 100, seed=0) == F.kid(x, y, 20, 100, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights placement
+# ---------------------------------------------------------------------------------------------------------
+def test_place_weights_without_any_source_reports_why(tmp_path):
+    st = F.place_weights(tmp_path / "th", "", "", True)
+    assert not st["available"] and "neither" in st["reason"]
+    st = F.place_weights(tmp_path / "th", str(tmp_path / "nope.pth"), "", True)
+    assert not st["available"] and "does not exist" in st["reason"]
+    # an unreachable URL (nothing listens on port 9 of loopback): no exception, a reason
+    st = F.place_weights(tmp_path / "th", "", "http://127.0.0.1:9/pt_inception.pth", True, timeout=5)
+    assert not st["available"] and "download from http://127.0.0.1:9" in st["reason"]
+    assert not F.weights_target(tmp_path / "th").exists()
+
+
+def test_place_weights_checks_the_release_hash(tmp_path):
+    fake = tmp_path / "w.pth"
+    fake.write_bytes(b"not the release file")
+    st = F.place_weights(tmp_path / "th", str(fake), "", check_hash=True)
+    assert not st["available"] and "6726825d" in st["reason"]
+    assert not F.weights_target(tmp_path / "th").exists()  # refused files are not left in TORCH_HOME
+    st = F.place_weights(tmp_path / "th", str(fake), "", check_hash=False)
+    assert st["available"] and st["hash_verified"] is False and F.weights_target(tmp_path / "th").is_file()
+    # placed once: a later run without a source keeps it
+    assert F.place_weights(tmp_path / "th", "", "", check_hash=False)["available"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pytorch-fid's InceptionV3 with seeded random weights, staged offline
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def staged_weights(tmp_path_factory):
+    """A seeded random FID-Inception state dict saved as a local weights file (never downloaded)."""
+    path = tmp_path_factory.mktemp("fidw") / "random_fid_inception.pth"
+    torch.save(F.random_fid_inception_state_dict(seed=0), path)
+    return path
+
+
+def _images(n, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        c = rng.random(3)
+        blob = np.exp(-((xx - rng.random()) ** 2 + (yy - rng.random()) ** 2) / 0.05)
+        out.append(np.clip((c[None, None] * 0.6 + 0.4 * blob[..., None] * rng.random(3)) * 255, 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_distortion(tmp_path, staged_weights, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))  # the model must come from `home`, no download
+    st = F.place_weights(home, str(staged_weights), "", check_hash=False)
+    assert st["available"]
+    model = F.fid_inception(home, 2048, "cpu")
+    torch.set_num_threads(1)
+    base = _images(8)
+    feats = F.inception_features(model, base, batch_size=8)
+    assert feats.shape == (8, 2048) and feats.std(axis=0).mean() > 1e-4  # not the ~1e-8 of default init
+    assert F.fd_from_features(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    rng = np.random.default_rng(5)
+    fds = []
+    for sigma in (10, 40, 100):
+        noisy = np.clip(base + rng.normal(0, sigma, base.shape), 0, 255).astype(np.uint8)
+        fds.append(F.fd_from_features(feats, F.inception_features(model, noisy, batch_size=8)))
+    assert 0 < fds[0] < fds[1] < fds[2], fds
+
+
+def test_fid_inception_refuses_to_download(tmp_path):
+    with pytest.raises(F.FIDWeightsMissing, match="place_fid_weights"):
+        F.fid_inception(tmp_path / "empty_home")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The realism step on a synthetic pack: FID mode and classifier-feature fallback
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def synthetic_run(tmp_path):
+    """pack.npy / pack_index.csv / split.csv, one generator's index + PNGs, and a random classifier spec."""
+    from cfaudit.classifiers import build_arch, make_spec, write_spec
+
+    imgs = _images(16, 32, seed=3)
+    np.save(tmp_path / "pack.npy", imgs)
+    ids = [f"I{i}" for i in range(16)]
+    pd.DataFrame({"row": range(16), "image_id": ids, "label": [i % 2 for i in range(16)],
+                  "png": [f"{i}.png" for i in ids]}).to_csv(tmp_path / "pack_index.csv", index=False)
+    pd.DataFrame({"image_id": ids, "label": [i % 2 for i in range(16)],
+                  "split": ["eval"] * 8 + ["train"] * 8}).to_csv(tmp_path / "split.csv", index=False)
+    rows = []
+    (tmp_path / "cf").mkdir()
+    for i in range(4):
+        for t in (0, 1):
+            p = tmp_path / "cf" / f"I{i}_to{t}.png"
+            Image.fromarray(255 - imgs[i] if t else imgs[i]).resize((48, 48)).save(p)
+            rows.append({"anchor_id": f"I{i}", "anchor_label": i % 2, "target_label": t, "generator": "gan",
+                         "path": str(p), "shard": 0, "settings": "{}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "index.csv", index=False)
+    torch.manual_seed(0)
+    net = build_arch("resnet18", 2)
+    torch.save(net.state_dict(), tmp_path / "clf.pt")
+    spec = make_spec("checkpoint", name="toy_resnet18", arch="resnet18", weights=tmp_path / "clf.pt", input_size=32)
+    write_spec(spec, tmp_path / "classifier.json")
+    return tmp_path
+
+
+CFG = {"n": 2048, "dims": 2048, "batch_size": 16, "kid_subsets": 5, "kid_subset_size": 1000,
+       "reference_train": True}
+
+
+def _run(d, status, **cfg):
+    (d / "status.json").write_text(json.dumps(status))
+    return make_realism(d / "status.json", {"gan": d / "index.csv"}, d / "pack.npy", d / "pack_index.csv",
+                        d / "split.csv", d / "classifier.json", {**CFG, **cfg}, 0, 32, "cpu", d / "torch_home",
+                        d / "fid.csv", d / "fid.html")
+
+
+def test_realism_falls_back_to_classifier_features_and_says_so(synthetic_run):
+    reason = "FID-Inception weights unavailable (no network)"
+    table, info = _run(synthetic_run, {"available": False, "reason": reason})
+    assert set(table["metric"]) == {"classifier-feature FD", "classifier-feature KID"}
+    assert not table["metric"].str.fullmatch("FID|KID").any()
+    assert (table["note"].str.contains("FID absent") & table["note"].str.contains("no network")).all()
+    assert set(table["set"]) == {"gan", "real train (reference)"}
+    assert (table["n_real"] == 8).all() and (table["n_generated"] == 8).all()  # one common N, recorded
+    assert table["implementation"].str.contains("toy_resnet18").all()
+    assert (table["feature_dims"] == 512).all()  # resnet18's penultimate features
+    assert info["mode"] == "classifier" and len(info["read_files"]) == 8
+    html = (synthetic_run / "fid.html").read_text()
+    assert "FID absent" in html and "classifier-feature FD" in html
+
+
+def test_realism_uses_pytorch_fid_when_weights_are_placed(synthetic_run, staged_weights):
+    torch.set_num_threads(1)
+    status = F.place_weights(synthetic_run / "torch_home", str(staged_weights), "", check_hash=False)
+    table, info = _run(synthetic_run, status, n=5, dims=192)  # small N and an early block: a quick CPU test
+    assert set(table["metric"]) == {"FID", "KID"} and info["mode"] == "fid"
+    assert (table["n_real"] == 5).all() and (table["feature_dims"] == 192).all()
+    assert table["implementation"].str.contains("pytorch-fid").all()
+    assert table["note"].str.contains("NOT pytorch-fid's release").all()  # the random weights are flagged
+    fid = table[table.metric == "FID"].set_index("set")["value"]
+    assert fid["gan"] > 0 and np.isfinite(fid["real train (reference)"])

@@ -1,0 +1,261 @@
+"""Classifier-guided diffusion counterfactuals (cfaudit.guided) with a tiny ContextUnet and a tiny classifier."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from cfaudit.classifiers import AuditedClassifier
+from cfaudit.config import ConfigError, load_config
+from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, gather
+from cfaudit.data.pack import uint8_to_float
+from cfaudit.diffusion.schedule import LinearSchedule
+from cfaudit.guided import (OUTCOME_COLUMNS, change_mask, classifier_gradient, guided_ladder, guided_sample, on_target_side,
+                            run_shard, target_log_prob)
+from cfaudit.models import model_from_spec
+
+SIZE = 16
+T = 40
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    spec = {"arch": "contextunet", "image_size": SIZE, "n_classes": 2, "timesteps": T, "kwargs": {"n_feat": 8, "bottleneck": 2}}
+    model = model_from_spec(spec).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, {"spec": spec, "sha256": "test", "precision": "fp32"}
+
+
+def tiny_classifier(seed=1, threshold=0.5, input_size=12):
+    """A frozen 2-class CNN behind the audited-classifier interface (differentiable resize 16 -> 12 inside)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    spec = {"kind": "checkpoint", "name": "tiny", "arch": "tiny", "num_classes": 2, "positive_index": 1,
+            "input_size": input_size, "resize_size": input_size, "normalization": "minus_one_one", "score_space": "softmax",
+            "threshold": threshold, "sha256": "test"}
+    return AuditedClassifier(net, spec).eval()
+
+
+def base_cfg(**over):
+    cfg = {
+        "strength": 0.6, "sampler": "ddim", "steps": 8, "cfg_guidance": 1.0, "scales": [0.3], "max_retries": 0,
+        "scale_mode": "fixed", "normalize_gradient": True, "l1_weight": 0.0, "consensus": False,
+        "mask": {"enabled": False, "threshold": 0.1, "dilation": 1, "start": 0.0},
+        "early_stop": {"enabled": False, "margin": 0.0, "finish": "denoise"},
+        "batch_size": 4, "use_ema": False, "seed": None,
+    }
+    for k, v in over.items():
+        if isinstance(v, dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def anchors(n=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    # smooth blobs so the tiny models see structure, in [-1, 1]
+    x = torch.nn.functional.avg_pool2d(torch.rand(n, 3, SIZE, SIZE, generator=g) * 2 - 1, 3, 1, 1)
+    return x.clamp(-1, 1)
+
+
+def target_prob(clf, images):
+    with torch.no_grad():
+        return target_log_prob(clf(images), torch.tensor([1] * len(images)), clf.positive_index).exp()
+
+
+@pytest.mark.parametrize("sampler,mode,scale", [("ddim", "fixed", 0.3), ("ddpm", "variance", 20.0)])
+def test_guidance_raises_target_probability_with_fixed_seed(sampler, mode, scale):
+    model, _ = tiny_unet()
+    clf = tiny_classifier()
+    sched = LinearSchedule(T)
+    a = anchors(4)
+    seeds = [11, 12, 13, 14]
+    cfg = base_cfg(sampler=sampler, scale_mode=mode)
+    for target in TARGETS:
+        tg = torch.full((4,), target)
+        plain, _, _ = guided_sample(model, sched, clf, a, tg, seeds, cfg, 0.0)
+        again, _, _ = guided_sample(model, sched, clf, a, tg, seeds, cfg, 0.0)
+        assert torch.equal(plain, again)  # deterministic from the seed
+        guided, info, n = guided_sample(model, sched, clf, a, tg, seeds, cfg, scale)
+        with torch.no_grad():
+            lp_plain = target_log_prob(clf(plain), tg, 1)
+            lp_guided = target_log_prob(clf(guided), tg, 1)
+        assert (lp_guided > lp_plain).all(), (target, lp_plain, lp_guided)
+        assert (info["guided_steps"] == n).all()
+
+
+def test_mask_keeps_pixels_outside_on_the_anchor_noising_path():
+    model, _ = tiny_unet()
+    clf = tiny_classifier()
+    sched = LinearSchedule(T)
+    a = anchors(2)
+    seeds = [3, 4]
+    cfg = base_cfg(sampler="ddpm", scale_mode="variance", mask={"enabled": True, "threshold": 0.9, "dilation": 0, "start": 0.25})
+    trace = []
+    out, info, n_steps = guided_sample(model, sched, clf, a, torch.tensor([1, 0]), seeds, cfg, 20.0, trace=trace)
+    # the fixed starting noise, recomputed independently: each anchor's stream starts with it
+    n0 = torch.stack([torch.randn((3, SIZE, SIZE), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    masked_steps = [s for s in trace if s["mask"] is not None]
+    assert len(trace) == n_steps and 0 < len(masked_steps) < n_steps  # mask.start: the first quarter runs unmasked
+    partial = 0
+    for step in masked_steps:
+        want = a if step["t_prev"] == 0 else sched.q_sample(a, step["t_prev"], n0)
+        outside = (step["mask"] == 0).expand_as(step["x"])
+        assert torch.equal(step["x"][outside], want[outside])
+        frac = step["mask"].mean().item()
+        partial += 0 < frac < 1
+    assert partial >= 1  # the mask really splits the image somewhere
+    last = masked_steps[-1]
+    assert last["t_prev"] == 0
+    outside = (last["mask"] == 0).expand_as(out)
+    assert outside.any() and torch.equal(out[outside], a[outside])  # the final image IS the anchor outside the mask
+    inside = ~outside
+    assert (out[inside] - a[inside]).abs().mean() > 0.01
+    assert torch.allclose(info["mask_fraction"], last["mask"].flatten(1).mean(1))
+
+
+def test_change_mask_threshold_and_dilation():
+    a = torch.zeros(1, 3, 9, 9)
+    x = a.clone()
+    x[0, :, 4, 4] = 0.5
+    assert change_mask(x, a, 0.1, 0).sum() == 1
+    assert change_mask(x, a, 0.1, 1).sum() == 9
+    assert change_mask(x, a, 0.6, 2).sum() == 0
+
+
+def test_classifier_gradient_consensus_l1_and_scores():
+    clf = tiny_classifier()
+    x0 = anchors(2, seed=9)
+    a = anchors(2, seed=10)
+    tg = torch.tensor([1, 0])
+    g_raw, score = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize=False)
+    with torch.no_grad():
+        assert torch.allclose(score, clf.prob_malignant(x0), atol=1e-6)
+    d = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    g_con, _ = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize=False, class_direction=d)
+    agree = torch.sign(g_raw) == torch.sign(d)
+    assert torch.equal(g_con[agree], g_raw[agree]) and (g_con[~agree] == 0).all() and agree.any() and (~agree).any()
+    # the L1 term: d/dx0 of l1_weight * mean|x0 - a| is l1_weight * sign / n_pixels
+    g_l1, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize=False)
+    assert torch.allclose(g_l1 - g_raw, 3.0 * torch.sign(x0 - a) / x0[0].numel(), atol=1e-7)
+    g_n, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize=True)
+    assert torch.allclose(g_n.pow(2).flatten(1).mean(1), torch.ones(2), atol=1e-5)
+    # a small step against the gradient raises the target probability (benign target: lowers p_malignant)
+    with torch.no_grad():
+        before = target_log_prob(clf(x0), tg, 1)
+        after = target_log_prob(clf(x0 - 0.05 * g_n), tg, 1)
+    assert (after > before).all()
+
+
+def test_target_side_and_log_prob_with_positive_index_zero():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    lp1 = target_log_prob(logits, torch.tensor([1, 1]), positive_index=0)
+    assert torch.allclose(lp1.exp(), torch.softmax(logits, 1)[:, 0])
+    score = torch.tensor([0.2, 0.55, 0.7, 0.5])
+    assert on_target_side(score, torch.tensor([1, 1, 1, 0]), 0.5).tolist() == [False, True, True, True]
+    assert on_target_side(score, torch.tensor([1, 1, 1, 0]), 0.5, margin=0.1).tolist() == [False, False, True, False]
+
+
+def test_early_stop_and_finish_modes():
+    model, _ = tiny_unet()
+    sched = LinearSchedule(T)
+    a = anchors(2)
+    tg = torch.tensor([1, 1])
+    # threshold -1: every estimate is already on the malignant side -> guidance stops before the first gradient step
+    clf = tiny_classifier(threshold=-1.0)
+    cfg = base_cfg(early_stop={"enabled": True, "margin": 0.0, "finish": "denoise"})
+    out, info, _ = guided_sample(model, sched, clf, a, tg, [1, 2], cfg, 5.0)
+    plain, _, _ = guided_sample(model, sched, clf, a, tg, [1, 2], cfg, 0.0)
+    assert info["early_stopped"].all() and (info["guided_steps"] == 0).all()
+    assert torch.equal(out, plain)  # stopped at once and denoised plainly = the unguided run
+    cfg_x0 = base_cfg(early_stop={"enabled": True, "margin": 0.0, "finish": "x0"})
+    out_x0, info_x0, _ = guided_sample(model, sched, clf, a, tg, [1, 2], cfg_x0, 5.0)
+    assert info_x0["early_stopped"].all() and not torch.equal(out_x0, plain)  # the first step's clean estimate
+    # unreachable threshold: never stops, every step guided
+    clf_hard = tiny_classifier(threshold=2.0)
+    _, info_hard, n = guided_sample(model, sched, clf_hard, a, tg, [1, 2], cfg, 5.0)
+    assert not info_hard["early_stopped"].any() and (info_hard["guided_steps"] == n).all()
+
+
+def test_ladder_retries_up_to_the_limit_and_is_batch_independent():
+    model, _ = tiny_unet()
+    sched = LinearSchedule(T)
+    a = anchors(3)
+    tg = torch.tensor([1, 0, 1])
+    cfg = base_cfg(scales=[0.0, 0.2, 0.4, 0.8], max_retries=2)
+    # unreachable for malignant targets (score > 2 never), always reached for benign ones (score <= 2)
+    clf = tiny_classifier(threshold=2.0)
+    imgs, out = guided_ladder(model, sched, clf, a, tg, [7, 8, 9], cfg)
+    assert list(out.columns) == OUTCOME_COLUMNS
+    assert out["attempts"].tolist() == [3, 1, 3] and out["scale"].tolist() == [0.4, 0.0, 0.4]
+    assert out["flipped"].tolist() == [False, True, False]
+    # the kept image of a failing pair is its last attempt: same as running that scale directly
+    direct, _, _ = guided_sample(model, sched, clf, a[:1], tg[:1], [7], cfg, 0.4)
+    from cfaudit.data.pack import float_to_uint8
+
+    assert np.array_equal(imgs[0], float_to_uint8(direct)[0])
+    # one pair alone gives the same image as inside the batch (per-anchor noise, per-image gradient)
+    alone, _ = guided_ladder(model, sched, clf, a[2:], tg[2:], [9], cfg)
+    assert np.array_equal(alone[0], imgs[2])
+    # final_score is the classifier's score of the saved 8-bit image
+    with torch.no_grad():
+        s = clf.prob_malignant(uint8_to_float(torch.from_numpy(imgs)))
+    assert np.allclose(out["final_score"], s.numpy(), atol=1e-6)
+
+
+def test_run_shard_writes_pngs_and_index_with_outcomes(tmp_path):
+    model, meta = tiny_unet()
+    clf = tiny_classifier()
+    sched = LinearSchedule(T)
+    rng = np.random.default_rng(0)
+    pack = (rng.random((5, SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    np.save(tmp_path / "pack.npy", pack)
+    ids = [f"img{i}" for i in range(5)]
+    pd.DataFrame({"row": range(5), "image_id": ids, "label": [0, 1, 0, 1, 0]}).to_csv(tmp_path / "pack_index.csv", index=False)
+    anc = pd.DataFrame({"image_id": ids[:4], "label": [0, 1, 0, 1], "png": ""})
+    cfg = base_cfg(scales=[0.2, 0.6], max_retries=1, mask={"enabled": True, "threshold": 0.2, "dilation": 1, "start": 0.5},
+                   early_stop={"enabled": True, "margin": 0.05, "finish": "denoise"}, batch_size=1)
+    frames = []
+    for shard in (0, 1):
+        df, _ = run_shard(model, sched, meta, clf, anc, tmp_path / "pack.npy", tmp_path / "pack_index.csv",
+                          tmp_path / f"shard_{shard}", shard, 2, cfg, 1234, "cpu")
+        df.to_csv(tmp_path / f"shard_{shard}.csv", index=False)
+        frames.append(df)
+        assert list(df.columns) == INDEX_COLUMNS + OUTCOME_COLUMNS
+    full = gather([tmp_path / "shard_0.csv", tmp_path / "shard_1.csv"], tmp_path / "index.csv", anchors=anc)
+    assert len(full) == 8 and set(full["generator"]) == {"guided"}
+    for p in full["path"]:
+        assert (tmp_path / p).exists() or __import__("os").path.exists(p)
+    s = json.loads(full["settings"][0])
+    assert s["scales_tried"] == [0.2, 0.6] and s["t_start"] == sched.t_start(0.6) and s["seed"] == 1234
+    assert s["mask"]["enabled"] and s["classifier"] == "tiny" and s["threshold"] == 0.5
+    # same anchors with a different batch size and shard count -> identical images
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["batch_size"] = 4
+    one, _ = run_shard(model, sched, meta, clf, anc, tmp_path / "pack.npy", tmp_path / "pack_index.csv", tmp_path / "one",
+                       0, 1, cfg2, 1234, "cpu")
+    merged = full.set_index(["anchor_id", "target_label"])
+    for _, r in one.iterrows():
+        other = merged.loc[(r["anchor_id"], r["target_label"])]
+        assert np.array_equal(np.asarray(__import__("PIL.Image").Image.open(r["path"])),
+                              np.asarray(__import__("PIL.Image").Image.open(other["path"])))
+        assert r["scale"] == other["scale"] and r["flipped"] == other["flipped"]
+
+
+def test_config_section_validates_and_names_bad_keys(repo_root):
+    cfg = load_config(repo_root / "config.yaml")
+    g = cfg["guided"]
+    assert set(g) >= {"strength", "scales", "max_retries", "mask", "early_stop", "consensus", "l1_weight", "scale_mode"}
+    with pytest.raises(ConfigError, match="guided"):
+        load_config(repo_root / "config.yaml", overrides={"guided": {"scale": [1.0]}})
+    with pytest.raises(ConfigError, match="guided.mask"):
+        load_config(repo_root / "config.yaml", overrides={"guided": {"mask": {"enabled": "yes"}}})

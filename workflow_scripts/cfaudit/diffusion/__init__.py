@@ -1,0 +1,1 @@
+"""The class-conditional diffusion generator: schedule, samplers, SDEdit counterfactuals, training, benchmark."""

@@ -1,0 +1,353 @@
+"""Realism of counterfactuals: FID and KID with pytorch-fid's Inception, or the classifier-feature FD.
+
+* Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` is placed by :func:`place_weights`
+  (rule place_fid_weights) from a configured local file or URL into ``<torch_home>/hub/checkpoints/``, where
+  ``torch.hub`` finds it without a download (facts §6). The model code is pytorch-fid's own
+  ``InceptionV3`` (FID-Inception blocks, resize to 299 bilinear, [0,1] -> [-1,1]).
+* When the weights cannot be had (no network, no local file), the stage reports the Fréchet distance and
+  KID on the audited classifier's penultimate features (``clf.features``) instead. Those are NOT FID/KID and
+  are labelled ``classifier-feature FD`` / ``classifier-feature KID`` everywhere, with the reason.
+* The Fréchet distance is computed here (symmetric eigendecompositions, no ``scipy.linalg.sqrtm``, which
+  SciPy 1.18 removes): ``|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1^1/2 S2 S1^1/2)``.
+* KID: unbiased MMD^2 with the cubic polynomial kernel ``(x.y/d + 1)^3`` over random subsets (Bińkowski
+  et al. 2018), mean and standard deviation over the subsets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from cfaudit.files import atomic_path, sha256_file
+
+log = logging.getLogger("cfaudit.fid")
+
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_HASH_PREFIX = "6726825d"  # torch.hub convention: the file name carries the sha256 prefix
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID = "FID"
+KID = "KID"
+CLF_FD = "classifier-feature FD"
+CLF_KID = "classifier-feature KID"
+
+
+class FIDWeightsMissing(RuntimeError):
+    """The FID-Inception weights are not in TORCH_HOME; run rule place_fid_weights / set metrics.fid.weights_*."""
+
+
+def weights_target(torch_home: str | os.PathLike) -> Path:
+    return Path(torch_home) / "hub" / "checkpoints" / WEIGHTS_FILE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Placing the weights
+# ----------------------------------------------------------------------------------------------------------
+def _download(url: str, dst: Path, timeout: float) -> None:
+    tmp = atomic_path(dst)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
+            shutil.copyfileobj(resp, fh, length=1 << 20)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def place_weights(torch_home: str | os.PathLike, weights_path: str = "", url: str = "", check_hash: bool = True,
+                  timeout: float = 60.0) -> dict:
+    """Put the FID-Inception weights at ``<torch_home>/hub/checkpoints/<WEIGHTS_FILE>``; never raises for
+    an unobtainable file. Returns the status record written to fid_weights.json:
+    ``{available, path, sha256, hash_verified, source, reason, attempts}``.
+
+    Order: ``weights_path`` (copied), a file already in place (kept), ``url`` (downloaded with
+    ``timeout``). With ``check_hash`` the file's sha256 must start with ``6726825d`` (pytorch-fid's
+    release); a mismatching file is refused (removed from TORCH_HOME) and the reason recorded.
+    """
+    dst = weights_target(torch_home)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    attempts: list[str] = []
+
+    def verified(source: str) -> dict | None:
+        digest = sha256_file(dst)
+        ok = digest.startswith(WEIGHTS_HASH_PREFIX)
+        if check_hash and not ok:
+            attempts.append(f"{source}: sha256 {digest[:12]}… does not start with {WEIGHTS_HASH_PREFIX} "
+                            "(not pytorch-fid's release file); set metrics.fid.check_hash: false to use it anyway")
+            dst.unlink()
+            return None
+        return {"available": True, "path": str(dst), "sha256": digest, "hash_verified": ok, "source": source,
+                "reason": "", "attempts": attempts}
+
+    if weights_path:
+        src = Path(weights_path)
+        if src.is_file():
+            tmp = atomic_path(dst)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            if rec := verified(f"local file {src}"):
+                return rec
+        else:
+            attempts.append(f"metrics.fid.weights_path {src} does not exist")
+    elif dst.is_file():
+        if rec := verified(f"already in {dst.parent}"):
+            return rec
+    if url:
+        try:
+            _download(url, dst, timeout)
+            if rec := verified(f"downloaded from {url}"):
+                return rec
+        except Exception as err:  # noqa: BLE001 - any failure to download means "not available"
+            attempts.append(f"download from {url} failed: {type(err).__name__}: {err}")
+    elif not weights_path:
+        attempts.append("neither metrics.fid.weights_path nor metrics.fid.weights_url is set")
+    reason = ("FID-Inception weights unavailable (" + "; ".join(attempts) + "). Put "
+              f"{WEIGHTS_FILE} somewhere and set metrics.fid.weights_path, or allow the download from "
+              "metrics.fid.weights_url, then rerun with `-R place_fid_weights`")
+    return {"available": False, "path": None, "sha256": None, "hash_verified": False, "source": None,
+            "reason": reason, "attempts": attempts}
+
+
+def write_status(status: dict, path: str | os.PathLike) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature extractors
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def torch_home(path: str | os.PathLike):
+    """Temporarily point TORCH_HOME (torch.hub's cache) at ``path``."""
+    old = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(Path(path).resolve())
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_HOME", None)
+        else:
+            os.environ["TORCH_HOME"] = old
+
+
+def fid_inception(home: str | os.PathLike, dims: int = 2048, device="cpu"):
+    """pytorch-fid's ``InceptionV3`` for ``dims``-dimensional features, weights from ``home`` (no download)."""
+    import torch
+    from pytorch_fid.inception import InceptionV3
+
+    if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+        raise ValueError(f"metrics.fid.dims must be one of {sorted(InceptionV3.BLOCK_INDEX_BY_DIM)}, got {dims}")
+    target = weights_target(home)
+    if not target.is_file():
+        raise FIDWeightsMissing(f"{target} is missing; run rule place_fid_weights (metrics.fid.weights_path / "
+                                "weights_url)")
+    with torch_home(home):
+        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]], resize_input=True, normalize_input=True)
+    model = model.eval().to(device)
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def random_fid_inception_state_dict(seed: int) -> dict:
+    """A state dict of pytorch-fid's FID-Inception structure with SEEDED random weights (He-normal convs,
+    identity batch norm), for offline tests and smoke runs only: its numbers are not FID.
+
+    Default initialisation would give features ~1e-8 and FD ~ 0 between any sets (facts §6).
+    """
+    import torch
+    from pytorch_fid import inception as pi
+
+    net = pi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = pi.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pi.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pi.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pi.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pi.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pi.FIDInceptionE_1(1280)
+    net.Mixed_7c = pi.FIDInceptionE_2(2048)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+                mod.running_mean.zero_()
+                mod.running_var.fill_(1.0)
+    return net.state_dict()
+
+
+def inception_features(model, images: np.ndarray, batch_size: int = 32, device="cpu") -> np.ndarray:
+    """(N, dims) float64 features of uint8 (N, H, W, 3) images from :func:`fid_inception`."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    dev = torch.device(device)
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.as_tensor(np.ascontiguousarray(images[i:i + batch_size])).to(dev)
+            x = x.permute(0, 3, 1, 2).float().div(255.0)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            f = model(x)[0]
+            if f.shape[-1] != 1 or f.shape[-2] != 1:
+                f = F.adaptive_avg_pool2d(f, (1, 1))
+            out.append(f.flatten(1).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def classifier_features(clf, images: np.ndarray, batch_size: int = 32, device="cpu") -> np.ndarray:
+    """(N, D) penultimate features of the audited classifier (``clf.features`` on [-1, 1] images)."""
+    import torch
+
+    out = []
+    dev = torch.device(device)
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.as_tensor(np.ascontiguousarray(images[i:i + batch_size])).to(dev)
+            x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            out.append(clf.features(x).flatten(1).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distances
+# ----------------------------------------------------------------------------------------------------------
+def _psd_sqrt(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2) (covariances PSD)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, float)), np.atleast_1d(np.asarray(mu2, float))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, float)), np.atleast_2d(np.asarray(sigma2, float))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+    r1 = _psd_sqrt(s1)
+    m = r1 @ s2 @ r1
+    ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum(), 0.0))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D); got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def fd_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Fréchet distance between two feature sets (N1, D) and (N2, D)."""
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float, int]:
+    """``(mean, std, subset_size)`` of the unbiased polynomial-kernel MMD^2 over random subsets.
+
+    When the subsets are the whole sets (``subset_size`` >= both sizes) there is one distinct subset: the
+    value is computed once and the std is nan (no spread to report)."""
+    f1 = np.asarray(f1, np.float64)
+    f2 = np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples per set")
+    d = f1.shape[1]
+    whole = m == len(f1) == len(f2)
+    if whole:
+        subsets = 1
+    rng = np.random.default_rng(seed)
+    vals = np.empty(subsets)
+    for i in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        vals[i] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                   - 2 * kxy.mean())
+    return float(vals.mean()), (np.nan if whole else float(vals.std())), m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, size, size, 3), PIL bicubic; unchanged when already that size."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images)
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+
+
+def load_pngs(paths, size: int) -> np.ndarray:
+    """Read RGB images and bring them to ``size`` x ``size`` (PIL bicubic)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            out.append(np.asarray(im))
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def subsample(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a seeded subset of ``n`` out of ``n_total`` (all when n >= n_total)."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.sort(rng.choice(n_total, n, replace=False))
+
+
+def realism_table(real: np.ndarray, sets: dict[str, np.ndarray], extract, *, mode: str, n: int, seed: int,
+                  kid_subsets: int, kid_subset_size: int, resolution: int, implementation: str,
+                  note: str = "") -> "pd.DataFrame":
+    """FD and KID of every image set in ``sets`` against ``real`` at ONE common N.
+
+    ``real`` and each set: uint8 (N, resolution, resolution, 3). ``extract(images) -> (N, D)`` features.
+    ``mode``: "fid" (rows FID / KID) or "classifier" (rows classifier-feature FD / KID). N is
+    ``min(n, len(real), every set's size)``; each set (and the real set) is subsampled to N with a
+    seeded generator, so every value in the table is at the same N.
+    """
+    import pandas as pd
+
+    sizes = [len(real)] + [len(v) for v in sets.values()]
+    n_used = int(min([n] + sizes))
+    if n_used < 2:
+        raise ValueError(f"realism metrics need at least 2 images per set; sizes {sizes}")
+    rng = np.random.default_rng(seed)
+    real_feats = extract(real[subsample(len(real), n_used, rng)])
+    fd_name, kid_name = (FID, KID) if mode == "fid" else (CLF_FD, CLF_KID)
+    rows = []
+    for pos, (name, images) in enumerate(sets.items()):
+        feats = extract(images[subsample(len(images), n_used, rng)])
+        fd = fd_from_features(real_feats, feats)
+        k_mean, k_std, k_m = kid(real_feats, feats, kid_subsets, kid_subset_size, seed + 1 + pos)
+        common = {"set": name, "n_real": n_used, "n_generated": n_used, "n_available": len(images),
+                  "feature_dims": real_feats.shape[1], "resolution": resolution, "implementation": implementation,
+                  "note": note}
+        rows.append({**common, "metric": fd_name, "value": fd, "std": np.nan, "kid_subset_size": np.nan})
+        rows.append({**common, "metric": kid_name, "value": k_mean, "std": k_std, "kid_subset_size": k_m})
+    cols = ["set", "metric", "value", "std", "n_real", "n_generated", "n_available", "feature_dims", "resolution",
+            "kid_subset_size", "implementation", "note"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,492 @@
+"""Training the GAN baseline against the audited classifier (DeGrave et al. 2023, facts §2).
+
+The generator is conditioned on the classifier's own opinion, never on ground truth: the classifier's
+probability of malignancy on the real image is cut into ``n_bins`` equal bins over [0, 1]. Per batch:
+
+* discriminator step (hinge loss): real images vs G(x, random target bin);
+* every ``n_critic``-th discriminator step, a generator step on the same batch with
+  ``lambda_gan * hinge(D(G(x, y_t)))``
+  ``+ lambda_rec * L1(G(x, y_orig), x) + lambda_cycle * L1(G(G(x, y_t), y_orig), x)``
+  ``+ lambda_cls * [BCE(bin_centre(y_t), p(G(x, y_t))) + BCE(p(x), p(G(x, y_orig)))]``
+  where p is the classifier's probability of malignancy; the classifier is frozen, its gradient w.r.t. the
+  image drives the generator;
+* a batch is ``micro_batch * accumulation`` images (gradients accumulated over micro-batches); an epoch is
+  one pass over the shuffled training images (incomplete last batch dropped);
+* augmentation: Resize(scale * size) once, then per sample a random crop back to size and a brightness
+  factor uniform in [1 - brightness, 1 + brightness];
+* Adam (lr, betas from config) for both networks; bf16 autocast on a GPU (``precision``), fp32 on the CPU.
+
+All random draws (data order, crops, brightness, target bins) come from one ``torch.Generator`` seeded from
+config, on the CPU, so a run is reproducible across devices and resumable: after every
+``checkpoint_every`` epochs the full state (both networks, both optimisers, the RNG state, the history) is
+written atomically to ``resume.pt``; a restarted job whose fingerprint (config except ``epochs`` and
+``checkpoint_every``, classifier, data) matches continues from it and ends with the same weights as an
+uninterrupted run.
+
+Each epoch also measures a fixed probe (up to ``probe_size`` training images, eval mode, bins 0 and
+``n_bins - 1``): the classifier-consistency BCE and the share of outputs the classifier puts on the
+requested side of 0.5 (flip rates), logged as ``probe_*`` columns; row 0 is the untrained generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cfaudit.gan.checkpoint import (
+    GANCheckpointError,
+    checkpoint_dict,
+    from_published,
+    read_checkpoint,
+    save_checkpoint,
+)
+from cfaudit.gan.networks import Discriminator, Generator, GeneratorArch
+
+log = logging.getLogger("cfaudit.gan")
+
+LOSS_COLUMNS = ["epoch", "d_steps", "g_steps", "d_loss", "d_real", "d_fake", "g_loss", "g_adv", "g_rec",
+                "g_cycle", "g_cls_target", "g_cls_rec", "probe_cls", "probe_to_benign", "probe_to_malignant",
+                "seconds", "images_per_s"]
+RESUME_NAME = "resume.pt"
+# Fingerprint excludes these: more epochs continue a finished run; checkpoint cadence changes no result.
+NOT_FINGERPRINTED = ("epochs", "checkpoint_every")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bins and losses
+# ------------------------------------------------------------------------------------------------------------
+def bin_edges(n_bins: int, device=None) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, n_bins + 1, device=device)
+
+
+def bin_centres(n_bins: int, device=None) -> torch.Tensor:
+    e = bin_edges(n_bins, device)
+    return (e[:-1] + e[1:]) / 2
+
+
+def prob_to_bin(p: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Bin index of probabilities: bin i holds (edge_i, edge_{i+1}] (bin 0 also holds 0)."""
+    edges = bin_edges(n_bins, p.device).to(p.dtype)
+    return (torch.bucketize(p.detach().contiguous(), edges) - 1).clamp(0, n_bins - 1)
+
+
+def positive_log_probs(logits: torch.Tensor, positive_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log(1 - p)) of the positive class, computed stably from logits (any number of classes)."""
+    lsm = torch.log_softmax(logits.float(), dim=1)
+    log_p = lsm[:, positive_index]
+    rest = torch.cat([lsm[:, :positive_index], lsm[:, positive_index + 1:]], dim=1)
+    return log_p, torch.logsumexp(rest, dim=1)
+
+
+def bce_to_classifier(target: torch.Tensor, logits: torch.Tensor, positive_index: int) -> torch.Tensor:
+    """Binary cross-entropy between target probabilities and the classifier's probability of malignancy."""
+    log_p, log_q = positive_log_probs(logits, positive_index)
+    return -(target * log_p + (1 - target) * log_q).mean()
+
+
+def hinge_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+
+def hinge_g(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------
+def to_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float images (N,3,H,W) in [-1,1] to size x size (bicubic, antialiased); no-op if already there."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+
+
+def images_at(images_uint8: np.ndarray, size: int, device, chunk: int = 256) -> torch.Tensor:
+    """uint8 (N,H,W,3) -> float (N,3,size,size) in [-1,1] on ``device``, resized in chunks."""
+    out = []
+    for i in range(0, len(images_uint8), chunk):
+        t = torch.as_tensor(np.ascontiguousarray(images_uint8[i:i + chunk])).to(device)
+        out.append(to_size(t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0), size))
+    return torch.cat(out) if out else torch.empty(0, 3, size, size, device=device)
+
+
+class Augmenter:
+    """Resize(scale * size) once for the whole set (kept as uint8 on the device), random crop + brightness per draw."""
+
+    def __init__(self, images: torch.Tensor, size: int, scale: float, brightness: float):
+        self.size = size
+        self.brightness = float(brightness)
+        self.big = max(size, int(round(scale * size)))
+        up = torch.cat([to_size(images[i:i + 256], self.big) for i in range(0, len(images), 256)])
+        self.store = up.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)  # (N,3,big,big)
+
+    def __len__(self) -> int:
+        return self.store.shape[0]
+
+    def draw(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        n, s, dev = len(idx), self.size, self.store.device
+        span = self.big - s + 1
+        top = torch.randint(0, span, (n,), generator=rng)
+        left = torch.randint(0, span, (n,), generator=rng)
+        factor = 1.0 + (torch.rand(n, generator=rng) * 2 - 1) * self.brightness
+        rows = (top[:, None] + torch.arange(s)).to(dev)
+        cols = (left[:, None] + torch.arange(s)).to(dev)
+        sel = self.store[idx.to(dev)]  # (n,3,big,big)
+        crop = sel[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n,s,s,3)
+        x = crop.permute(0, 3, 1, 2).float().div(255.0)
+        x = (x * factor.to(dev).view(-1, 1, 1, 1)).clamp(0, 1)
+        return x.mul(2).sub(1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    generator: Generator
+    discriminator: Discriminator
+    checkpoint: dict
+    history: pd.DataFrame
+    epochs_run: int
+    resumed_from: int | None
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def arch_from_config(gan_cfg: dict) -> GeneratorArch:
+    a = gan_cfg["arch"]
+    return GeneratorArch(base_channels=a["base_channels"], n_blocks=a["n_blocks"], n_bins=a["n_bins"])
+
+
+def fingerprint(gan_cfg: dict, seed: int, extra: dict) -> str:
+    train = {k: v for k, v in gan_cfg["train"].items() if k not in NOT_FINGERPRINTED}
+    blob = json.dumps({"train": train, "arch": gan_cfg["arch"], "seed": seed, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16" and device.type != "cuda":
+        log.warning("gan.train.precision is bf16 but the device is %s: training in fp32", device)
+    return device.type == "cuda" and precision in ("auto", "bf16")
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def critic(discriminator: Discriminator, x: torch.Tensor) -> torch.Tensor:
+    """The discriminator always runs in fp32: under autocast, spectral norm's power iteration would store its
+    u / v vectors in bf16. It is small next to the generator and the classifier."""
+    if x.is_cuda:
+        with torch.autocast("cuda", enabled=False):
+            return discriminator(x.float())
+    return discriminator(x.float())
+
+
+@torch.no_grad()
+def probe(generator: Generator, classifier: nn.Module, x: torch.Tensor, n_bins: int, bf16: bool,
+          batch: int = 32) -> dict:
+    """Eval-mode classifier consistency on a fixed set: BCE to the bin centre for bins 0 and n_bins-1, and
+    the share of outputs the classifier puts below / at-or-above 0.5."""
+    was_training = generator.training
+    generator.eval()
+    centres = bin_centres(n_bins, x.device)
+    pos = classifier.positive_index
+    losses, to_benign, to_malig = [], [], []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        for b in (0, n_bins - 1):
+            y = torch.full((len(xb),), b, dtype=torch.long, device=x.device)
+            with _autocast(bf16):
+                logits = classifier(generator(xb, y).float())
+            losses.append(bce_to_classifier(centres[y], logits, pos).item() * len(xb))
+            p = torch.softmax(logits.float(), 1)[:, pos]
+            (to_benign if b == 0 else to_malig).append((p < 0.5) if b == 0 else (p >= 0.5))
+    generator.train(was_training)
+    n = len(x)
+    return {
+        "probe_cls": sum(losses) / (2 * n),
+        "probe_to_benign": torch.cat(to_benign).float().mean().item(),
+        "probe_to_malignant": torch.cat(to_malig).float().mean().item(),
+    }
+
+
+def _restore(path: Path, fp: str, epochs: int, generator, discriminator, g_opt, d_opt, rng, device):
+    """Load a resume checkpoint if it belongs to this run; returns its metadata or None."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = read_checkpoint(path)
+    except GANCheckpointError as err:
+        log.warning("ignoring unreadable resume checkpoint (%s); starting fresh", err)
+        return None
+    meta = ckpt.get("cfaudit", {})
+    if meta.get("fingerprint") != fp:
+        log.info("resume checkpoint %s belongs to other settings / data / classifier; starting fresh", path)
+        return None
+    done = int(meta["epochs_completed"])
+    if done > epochs:
+        log.info("resume checkpoint has %d epochs, more than the %d configured; starting fresh", done, epochs)
+        return None
+    generator.load_state_dict(from_published(ckpt["generator"], generator.arch, str(path)))
+    discriminator.load_state_dict(ckpt["discriminator"])
+    g_opt.load_state_dict(ckpt["g_opt"])
+    d_opt.load_state_dict(ckpt["d_opt"])
+    rng.set_state(meta["rng_state"])
+    generator.to(device)
+    discriminator.to(device)
+    log.info("resuming from %s after epoch %d (of %d)", path, done, epochs)
+    return meta
+
+
+def train_gan(train_images: np.ndarray, classifier: nn.Module, gan_cfg: dict, *, seed: int,
+              device="cpu", work_dir: str | os.PathLike, data_fingerprint: dict | None = None,
+              on_epoch_end=None) -> TrainResult:
+    """Train (or resume training of) the GAN on uint8 images (N,H,W,3) against a frozen ``classifier``.
+
+    ``gan_cfg`` is the validated ``gan`` config section. The generator works at ``classifier.input_size``;
+    images are resized to it. ``work_dir`` holds ``resume.pt``. ``on_epoch_end(epoch, row)`` is called after
+    each epoch's checkpoint (tests use it to simulate a kill).
+    """
+    t_start = time.perf_counter()
+    cfg = gan_cfg["train"]
+    device = torch.device(device)
+    arch = arch_from_config(gan_cfg)
+    size = int(classifier.input_size)
+    pos = int(classifier.positive_index)
+    mb, acc, n_critic = int(cfg["micro_batch"]), int(cfg["accumulation"]), int(cfg["n_critic"])
+    batch = mb * acc
+    n = len(train_images)
+    if n < batch:
+        raise ValueError(f"gan.train: a batch is micro_batch x accumulation = {batch} images but only {n} training "
+                         f"images exist; lower gan.train.micro_batch or gan.train.accumulation")
+    bf16 = use_bf16(cfg["precision"], device)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = work_dir / RESUME_NAME
+    fp = fingerprint(gan_cfg, seed, {"size": size, "n_train": n, **(data_fingerprint or {})})
+
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    classifier.to(device)
+
+    torch.manual_seed(seed)
+    generator = Generator(arch).to(device)
+    discriminator = Discriminator(int(gan_cfg["arch"]["d_base_channels"])).to(device)
+    if device.type == "cuda":
+        generator = generator.to(memory_format=torch.channels_last)
+        discriminator = discriminator.to(memory_format=torch.channels_last)
+    betas = tuple(float(b) for b in cfg["betas"])
+    g_opt = torch.optim.Adam(generator.parameters(), lr=float(cfg["lr"]), betas=betas)
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=float(cfg["lr"]), betas=betas)
+    rng = torch.Generator().manual_seed(seed)
+
+    x_all = images_at(train_images, size, device)
+    aug = Augmenter(x_all, size, float(cfg["augment_scale"]), float(cfg["brightness"]))
+    n_probe = min(int(cfg["probe_size"]), n)
+    probe_idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:n_probe]
+    x_probe = x_all[probe_idx.to(device)]
+    del x_all
+
+    lam = {k: float(cfg[k]) for k in ("lambda_gan", "lambda_rec", "lambda_cycle", "lambda_cls")}
+    centres = bin_centres(arch.n_bins, device)
+    n_bins = arch.n_bins
+    epochs = int(cfg["epochs"])
+
+    meta = _restore(resume_path, fp, epochs, generator, discriminator, g_opt, d_opt, rng, device)
+    if meta is None:
+        history = [{"epoch": 0, "d_steps": 0, "g_steps": 0,
+                    **probe(generator, classifier, x_probe, n_bins, bf16), "seconds": 0.0}]
+        done, d_steps, g_steps, resumed_from = 0, 0, 0, None
+    else:
+        history = list(meta["history"])
+        done, d_steps, g_steps, resumed_from = int(meta["epochs_completed"]), int(meta["d_steps"]), int(meta["g_steps"]), int(meta["epochs_completed"])
+    generator.train()
+    discriminator.train()
+
+    def classify(x):
+        with _autocast(bf16):
+            return classifier(x).float()
+
+    n_batches = n // batch
+    for epoch in range(done + 1, epochs + 1):
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def add(key, value):  # running sums stay on the device (no GPU sync per step)
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+            counts[key] = counts.get(key, 0) + 1
+
+        perm = torch.randperm(n, generator=rng)
+        for b in range(n_batches):
+            x_batch = aug.draw(perm[b * batch:(b + 1) * batch], rng).to(device)
+            if device.type == "cuda":
+                x_batch = x_batch.contiguous(memory_format=torch.channels_last)
+            micro = [x_batch[m * mb:(m + 1) * mb] for m in range(acc)]
+
+            # ---- discriminator step ----
+            d_opt.zero_grad(set_to_none=True)
+            d_tot = d_real = d_fake = 0.0
+            for x in micro:
+                y_t = torch.randint(0, n_bins, (len(x),), generator=rng).to(device)
+                with torch.no_grad(), _autocast(bf16):
+                    fake = generator(x, y_t)
+                scores = critic(discriminator, torch.cat([x, fake.float()]))
+                real_s, fake_s = scores[:len(x)], scores[len(x):]
+                loss = lam["lambda_gan"] * hinge_d(real_s, fake_s)
+                (loss / acc).backward()
+                d_tot = d_tot + loss.detach() / acc
+                d_real = d_real + real_s.detach().mean() / acc
+                d_fake = d_fake + fake_s.detach().mean() / acc
+            d_opt.step()
+            d_steps += 1
+            add("d_loss", d_tot)
+            add("d_real", d_real)
+            add("d_fake", d_fake)
+
+            # ---- generator step ----
+            if d_steps % n_critic:
+                continue
+            discriminator.requires_grad_(False)
+            g_opt.zero_grad(set_to_none=True)
+            parts = dict.fromkeys(("g_loss", "g_adv", "g_rec", "g_cycle", "g_cls_target", "g_cls_rec"), 0.0)
+            for x in micro:
+                with torch.no_grad():
+                    logits_x = classify(x)
+                    p_x = torch.softmax(logits_x, 1)[:, pos]
+                    y_orig = prob_to_bin(p_x, n_bins)
+                y_t = torch.randint(0, n_bins, (len(x),), generator=rng).to(device)
+                with _autocast(bf16):
+                    fake = generator(x, y_t)
+                    recon = generator(x, y_orig)
+                    cycle = generator(fake, y_orig)
+                adv = hinge_g(critic(discriminator, fake))
+                l_rec = F.l1_loss(recon.float(), x)
+                l_cyc = F.l1_loss(cycle.float(), x)
+                cls_t = bce_to_classifier(centres[y_t], classify(fake), pos)
+                cls_r = bce_to_classifier(p_x, classify(recon), pos)
+                loss = (lam["lambda_gan"] * adv + lam["lambda_rec"] * l_rec + lam["lambda_cycle"] * l_cyc
+                        + lam["lambda_cls"] * (cls_t + cls_r))
+                (loss / acc).backward()
+                for k, v in (("g_loss", loss), ("g_adv", adv), ("g_rec", l_rec), ("g_cycle", l_cyc),
+                             ("g_cls_target", cls_t), ("g_cls_rec", cls_r)):
+                    parts[k] = parts[k] + v.detach() / acc
+            g_opt.step()
+            discriminator.requires_grad_(True)
+            g_steps += 1
+            for k, v in parts.items():
+                add(k, v)
+
+        row = {"epoch": epoch, "d_steps": d_steps, "g_steps": g_steps}
+        row.update({key: (total / counts[key]).item() for key, total in sums.items()})
+        row.update(probe(generator, classifier, x_probe, n_bins, bf16))
+        row["seconds"] = time.perf_counter() - t0
+        row["images_per_s"] = n_batches * batch / row["seconds"]
+        history.append(row)
+        log.info("epoch %d/%d: %s", epoch, epochs, ", ".join(
+            f"{k}={row[k]:.4g}" for k in LOSS_COLUMNS[3:] if k in row and isinstance(row[k], float)))
+
+        last = epoch == epochs
+        if last or epoch % int(cfg["checkpoint_every"]) == 0:
+            meta_out = {"fingerprint": fp, "epochs_completed": epoch, "d_steps": d_steps, "g_steps": g_steps,
+                        "rng_state": rng.get_state(), "history": history, "im_size": size, "seed": seed,
+                        "classifier": getattr(classifier, "name", type(classifier).__name__),
+                        "d_base_channels": int(gan_cfg["arch"]["d_base_channels"])}
+            save_checkpoint(checkpoint_dict(generator, discriminator, g_opt, d_opt, epoch - 1, meta_out), resume_path)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+
+    if meta is not None and done == epochs:
+        log.info("resume checkpoint already has all %d epochs", epochs)
+    ckpt = read_checkpoint(resume_path)
+    table = history_table(history)
+    settings = {"im_size": size, "bf16": bf16, "device": str(device), "n_train": n, "batch": batch,
+                "batches_per_epoch": n_batches, "fingerprint": fp}
+    return TrainResult(generator, discriminator, ckpt, table, epochs - done, resumed_from,
+                       time.perf_counter() - t_start, settings)
+
+
+def history_table(history: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(history)
+    for c in LOSS_COLUMNS:
+        if c not in df:
+            df[c] = math.nan
+    return df[LOSS_COLUMNS]
+
+
+def plot_losses(table: pd.DataFrame, path: str | os.PathLike, title: str = "GAN training") -> None:
+    """Loss curves per epoch (discriminator, generator terms, probe consistency and flip rates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table[table["epoch"] > 0]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for c in ("d_loss", "g_adv"):
+        axes[0].plot(t["epoch"], t[c], marker=".", label=c)
+    axes[0].set_title("adversarial (hinge)")
+    for c in ("g_rec", "g_cycle", "g_cls_target", "g_cls_rec"):
+        axes[1].plot(t["epoch"], t[c], marker=".", label=c)
+    axes[1].set_title("generator terms (unweighted)")
+    axes[2].plot(table["epoch"], table["probe_cls"], marker=".", label="probe_cls (BCE)")
+    axes[2].plot(table["epoch"], table["probe_to_benign"], marker=".", label="probe flip to benign")
+    axes[2].plot(table["epoch"], table["probe_to_malignant"], marker=".", label="probe flip to malignant")
+    axes[2].set_title("eval-mode probe (epoch 0 = untrained)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.part.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_train_gan(pack, index, split, classifier_spec, out_checkpoint, out_loss, out_curve, gan_cfg: dict,
+                  seed: int, device, work_dir) -> dict:
+    """Rule train_gan: load the train split and the audited classifier, train (or resume), write the final
+    checkpoint, the per-epoch loss table and its plot. Returns a record for the provenance sidecars."""
+    from cfaudit.classifiers import load_classifier
+    from cfaudit.data.pack import load_pack
+    from cfaudit.files import sha256_file, write_csv
+
+    images, idx = load_pack(pack, index, split, "train")
+    if len(idx) == 0:
+        raise ValueError(f"{split} has no 'train' rows: nothing to train the GAN on")
+    classifier = load_classifier(classifier_spec, device)
+    data_fp = {"classifier_spec_sha256": sha256_file(classifier_spec),
+               "train_images_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}
+    result = train_gan(images, classifier, gan_cfg, seed=seed, device=device, work_dir=work_dir,
+                       data_fingerprint=data_fp)
+    save_checkpoint(result.checkpoint, out_checkpoint)
+    write_csv(result.history, out_loss)
+    plot_losses(result.history, out_curve,
+                title=f"GAN vs classifier '{getattr(classifier, 'name', '?')}' ({result.settings['im_size']} px)")
+    last = result.history.iloc[-1].to_dict()
+    return {
+        "seed": seed, "train_seconds_this_job": round(result.seconds, 2),
+        "train_seconds_all_epochs": round(float(result.history["seconds"].sum()), 2),
+        "epochs": int(gan_cfg["train"]["epochs"]), "epochs_run_this_job": result.epochs_run,
+        "resumed_after_epoch": result.resumed_from, "classifier": getattr(classifier, "name", None),
+        "final_probe": {k: last[k] for k in ("probe_cls", "probe_to_benign", "probe_to_malignant")},
+        **result.settings,
+    }

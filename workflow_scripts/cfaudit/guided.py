@@ -1,0 +1,375 @@
+"""Classifier-guided diffusion counterfactuals (DiME / FastDiME / MaskDiME style) on the trained diffusion model.
+
+For each (anchor, target) pair, with the per-anchor noise of :mod:`cfaudit.diffusion.sdedit` (both targets and
+every retry share it):
+
+1. SDEdit start: ``x_{t0} = sqrt(abar_t0) a + sqrt(1 - abar_t0) n0`` with ``t0 = round(strength * T)``.
+2. Every step t -> t' of the configured sampler (ddpm / ddim / dpmsolver, :mod:`cfaudit.diffusion.samplers`):
+   classifier-free guided ``eps`` toward the target (weight ``cfg_guidance``), one-step clean estimate
+   ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (clamped to [-1, 1]), and on that estimate — the UNet is
+   NOT differentiated (FastDiME) — the gradient ``g`` of ``CE(clf(x0), target) + l1_weight * mean|x0 - a|``, the
+   classifier's own differentiable resize taking x0 to its input size. Optionally (``consensus``) only the
+   classifier-gradient components whose sign agrees with the model's class direction ``eps(y) - eps(null)`` are
+   kept; optionally (``normalize_gradient``) g is rescaled to unit RMS per image.
+3. The sampler's step is taken with the guided eps and its result (the sampler's mean, plus its noise for ddpm)
+   is moved by ``-scale * c * g``: ``c = sqrt(abar_t')`` for ``scale_mode: fixed`` (the clean content of x_t'
+   moves by -scale g) or ``c = 1 - abar_t / abar_t'`` for ``variance`` (the step's fixed_large variance Sigma;
+   for ddpm exactly beta_t: DiME's ``mu - s Sigma g``).
+4. Mask (optional, from step ``mask.start`` on): ``m = dilate(mean_c |x0 - a| > threshold)``; outside it
+   ``x_t' = q_sample(a, t', n0)`` (the anchor's own noising path with the fixed starting noise; the anchor itself
+   at the end), so the final image equals the anchor wherever the mask is 0.
+5. Early stop: once the classifier's score of the estimate x0 is past its threshold with ``margin`` on the target
+   side, that image's classifier guidance stops; it then finishes with plain (CFG + mask) denoising, or
+   (``finish: x0``) returns that estimate.
+6. Ladder: a pair whose final 8-bit image is not on the target side of the threshold is regenerated from the
+   start, same noise, with the next ``scales`` entry, up to ``max_retries`` times (the last attempt is kept).
+
+The classifier's gradient is per image (losses are summed, the network is frozen, batch norm in eval mode), so a
+pair's image depends only on its anchor, target, seed and scale — not on the batch, the shard or the retries of
+other pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, image_path, index_rows, save_png, shard_anchors
+from cfaudit.data.pack import float_to_uint8, uint8_to_float
+from cfaudit.diffusion.samplers import autocast, guided_eps, make_sampler
+from cfaudit.diffusion.schedule import LinearSchedule
+from cfaudit.diffusion.sdedit import AnchorNoise, anchor_seed, read_anchor_pixels
+from cfaudit.files import write_csv
+from cfaudit.models import NULL_LABEL
+
+GENERATOR = "guided"
+OUTCOME_COLUMNS = ["flipped", "scale", "attempts", "guided_steps", "steps", "early_stopped", "final_score", "mask_fraction"]
+log = logging.getLogger("cfaudit.guided")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------------------
+def check_settings(cfg: dict) -> None:
+    """Refuse a ``guided:`` section that cannot work, naming the key (the schema checks types and ranges)."""
+    if not cfg["scales"]:
+        raise ValueError("config key 'guided.scales' must list at least one guidance scale")
+    if any(s < 0 for s in cfg["scales"]):
+        raise ValueError(f"config key 'guided.scales' must be non-negative, got {cfg['scales']}")
+    if cfg["scale_mode"] not in ("fixed", "variance"):
+        raise ValueError(f"config key 'guided.scale_mode': {cfg['scale_mode']!r} is not one of fixed, variance")
+    if cfg["early_stop"]["finish"] not in ("denoise", "x0"):
+        raise ValueError(f"config key 'guided.early_stop.finish': {cfg['early_stop']['finish']!r} is not one of denoise, x0")
+
+
+def ladder_scales(cfg: dict) -> list[float]:
+    """The scales actually tried: the first 1 + max_retries entries of the ladder."""
+    return [float(s) for s in cfg["scales"][: 1 + int(cfg["max_retries"])]]
+
+
+def target_log_prob(logits: torch.Tensor, targets: torch.Tensor, positive_index: int) -> torch.Tensor:
+    """log P(target side): log p_positive for target 1 (malignant), log(1 - p_positive) for target 0."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    pos = logp[:, positive_index]
+    others = torch.cat([logp[:, :positive_index], logp[:, positive_index + 1:]], dim=1)
+    neg = torch.logsumexp(others, dim=1)
+    return torch.where(targets.bool(), pos, neg)
+
+
+def on_target_side(score: torch.Tensor, targets: torch.Tensor, threshold: float, margin: float = 0.0) -> torch.Tensor:
+    """True where the classifier decides the target (``score > threshold`` = malignant, as ``decide``) with a margin."""
+    return torch.where(targets.bool(), score > threshold + margin, score <= threshold - margin)
+
+
+def change_mask(x0: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
+    """(N,1,H,W) float mask: channel-mean |x0 - anchor| > threshold, dilated by a (2r+1)² max filter."""
+    m = ((x0 - anchor).abs().mean(dim=1, keepdim=True) > threshold).float()
+    if dilation > 0:
+        m = F.max_pool2d(m, kernel_size=2 * dilation + 1, stride=1, padding=dilation)
+    return m
+
+
+def anchor_path(schedule: LinearSchedule, anchor: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """The anchor noised to step t with the fixed starting noise; the anchor itself at t = 0 (the clean end)."""
+    return anchor if t <= 0 else schedule.q_sample(anchor, t, noise)
+
+
+def shift_coefficient(schedule: LinearSchedule, t: int, t_prev: int, mode: str) -> float:
+    """c in ``x_t' -= scale * c * g``: sqrt(abar_t') (fixed) or the step's variance 1 - abar_t / abar_t' (variance)."""
+    ab_t = float(schedule.alpha_bar[t])
+    ab_prev = float(schedule.alpha_bar[max(t_prev, 0)])
+    if mode == "fixed":
+        return math.sqrt(ab_prev)
+    return 1.0 - ab_t / ab_prev
+
+
+def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: torch.Tensor, *, l1_weight: float,
+                        normalize: bool, class_direction: torch.Tensor | None = None, amp_dtype=None):
+    """Gradient of ``CE(clf(x0), target) + l1_weight * mean|x0 - anchor|`` w.r.t. the estimate x0, and the scores.
+
+    Returns (g, score): g (N,3,H,W) float32, score (N,) in the classifier's score space (of x0, before the step).
+    ``class_direction`` (eps(y) - eps(null)): keep only the classifier-gradient components agreeing with it in sign.
+    """
+    x = x0.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        with autocast(x.device, amp_dtype):
+            logits = clf(x)
+        logits = logits.float()
+        ce = -target_log_prob(logits, targets, clf.positive_index)
+        (g_cls,) = torch.autograd.grad(ce.sum(), x)
+    if class_direction is not None:
+        g_cls = g_cls * (torch.sign(g_cls) == torch.sign(class_direction)).float()
+    n_pix = x[0].numel()
+    g = g_cls + (l1_weight / n_pix) * torch.sign(x.detach() - anchor)
+    if normalize:
+        rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)
+        g = g / rms.view(-1, 1, 1, 1)
+    return g.detach(), clf.score(logits.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One attempt at one scale
+# ----------------------------------------------------------------------------------------------------------
+def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, targets: torch.Tensor, seeds, cfg: dict,
+                  scale: float, *, amp_dtype=None, channels_last: bool = False, trace: list | None = None):
+    """Guided counterfactuals of ``anchors`` (P,3,H,W in [-1,1]) toward ``targets`` (P,) with one guidance scale.
+
+    ``seeds``: one noise seed per pair (pairs of one anchor share it). Returns (images (P,3,H,W) float, info dict of
+    per-pair tensors: guided_steps, early_stopped, mask_fraction) and the number of denoising steps.
+    ``trace`` (tests): a list that receives, per step, {t, t_prev, x (after the step), mask or None, path}.
+    """
+    device = anchors.device
+    a = anchors.float()
+    targets = targets.to(device=device, dtype=torch.long)
+    p = a.shape[0]
+    w = float(cfg["cfg_guidance"])
+    mcfg, ecfg = cfg["mask"], cfg["early_stop"]
+    noise = AnchorNoise(seeds, a.shape[1:], device)
+    t0 = schedule.t_start(cfg["strength"])
+    n0 = noise.draw()
+    x = schedule.q_sample(a, t0, n0)
+    smp = make_sampler(cfg["sampler"], schedule, cfg["steps"])
+    ts = smp.timesteps(t0)
+    smp.reset()
+    noise_fn = noise.draw if smp.stochastic else None
+    mask_from = int(math.floor(float(mcfg["start"]) * len(ts)))
+    guiding = torch.full((p,), scale > 0, dtype=torch.bool, device=device)
+    frozen = torch.zeros(p, dtype=torch.bool, device=device)  # finish: x0 -> image fixed at its early-stop estimate
+    guided_steps = torch.zeros(p, dtype=torch.long, device=device)
+    early = torch.zeros(p, dtype=torch.bool, device=device)
+    mask_frac = torch.ones(p, device=device)
+    out = torch.empty_like(a)
+    null = torch.full_like(targets, NULL_LABEL)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+        with torch.no_grad():
+            if cfg["consensus"]:
+                e_c = guided_eps(model, x, t, targets, 0.0, amp_dtype, channels_last)
+                e_u = guided_eps(model, x, t, null, 0.0, amp_dtype, channels_last)
+                eps, direction = (1.0 + w) * e_c - w * e_u, e_c - e_u
+            else:
+                eps, direction = guided_eps(model, x, t, targets, w, amp_dtype, channels_last), None
+            ab = float(schedule.alpha_bar[t])
+            x0 = ((x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)).clamp(-1.0, 1.0)
+        masked = bool(mcfg["enabled"]) and i >= mask_from
+        m = change_mask(x0, a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
+        g = torch.zeros_like(a)
+        idx = torch.nonzero(guiding & ~frozen).flatten()
+        if len(idx):
+            gi, score = classifier_gradient(clf, x0[idx], a[idx], targets[idx], l1_weight=float(cfg["l1_weight"]),
+                                            normalize=bool(cfg["normalize_gradient"]),
+                                            class_direction=direction[idx] if direction is not None else None,
+                                            amp_dtype=amp_dtype)
+            if ecfg["enabled"]:
+                reached = on_target_side(score, targets[idx], clf.threshold, float(ecfg["margin"]))
+                gi[reached] = 0.0
+                stop = idx[reached]
+                guiding[stop] = False
+                early[stop] = True
+                if ecfg["finish"] == "x0" and len(stop):
+                    est = x0[stop]
+                    if m is not None:
+                        est = m[stop] * est + (1.0 - m[stop]) * a[stop]
+                        mask_frac[stop] = m[stop].flatten(1).mean(1)
+                    out[stop] = est
+                    frozen[stop] = True
+                guided_steps[idx[~reached]] += 1
+            else:
+                guided_steps[idx] += 1
+            g[idx] = gi
+        with torch.no_grad():
+            x_next = smp.step(x, eps, i, ts, noise_fn)
+            if len(idx):
+                x_next = x_next - (scale * shift_coefficient(schedule, t, t_prev, cfg["scale_mode"])) * g
+            path = None
+            if m is not None:
+                path = anchor_path(schedule, a, t_prev, n0)
+                x_next = m * x_next + (1.0 - m) * path
+                live = ~frozen
+                mask_frac[live] = m[live].flatten(1).mean(1)
+            x = x_next
+        if trace is not None:
+            trace.append({"t": t, "t_prev": t_prev, "x": x.detach().clone(), "mask": None if m is None else m.clone(),
+                          "path": None if path is None else path.clone()})
+    live = ~frozen
+    out[live] = x[live]
+    info = {"guided_steps": guided_steps, "early_stopped": early, "mask_fraction": mask_frac if mcfg["enabled"] else
+            torch.ones(p, device=device)}
+    return out.clamp(-1.0, 1.0), info, len(ts)
+
+
+@torch.no_grad()
+def final_scores(clf, images_uint8: np.ndarray, device, amp_dtype=None) -> torch.Tensor:
+    """The classifier's score of the saved 8-bit images (what the scoring stage sees)."""
+    x = uint8_to_float(torch.from_numpy(images_uint8)).to(device)
+    with autocast(x.device, amp_dtype):
+        logits = clf(x)
+    return clf.score(logits.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ladder: retry failures with the next scale
+# ----------------------------------------------------------------------------------------------------------
+def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, targets: torch.Tensor, seeds, cfg: dict, *,
+                  amp_dtype=None, channels_last: bool = False):
+    """Counterfactuals of P pairs with retries along the scale ladder.
+
+    Returns (uint8 images (P,H,W,3), outcome DataFrame with OUTCOME_COLUMNS, one row per pair in input order).
+    """
+    device = anchors.device
+    p = anchors.shape[0]
+    images = np.zeros((p, anchors.shape[2], anchors.shape[3], 3), dtype=np.uint8)
+    rec = {k: [None] * p for k in OUTCOME_COLUMNS}
+    todo = np.arange(p)
+    for k, scale in enumerate(ladder_scales(cfg)):
+        sel = torch.as_tensor(todo, device=device)
+        imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg,
+                                            scale, amp_dtype=amp_dtype, channels_last=channels_last)
+        u8 = float_to_uint8(imgs)
+        score = final_scores(clf, u8, device, amp_dtype)
+        ok = on_target_side(score, targets[sel].to(device), clf.threshold).cpu().numpy()
+        for n, j in enumerate(todo):
+            images[j] = u8[n]
+            rec["flipped"][j] = bool(ok[n])
+            rec["scale"][j] = scale
+            rec["attempts"][j] = k + 1
+            rec["guided_steps"][j] = int(info["guided_steps"][n])
+            rec["steps"][j] = int(n_steps)
+            rec["early_stopped"][j] = bool(info["early_stopped"][n])
+            rec["final_score"][j] = float(score[n])
+            rec["mask_fraction"][j] = round(float(info["mask_fraction"][n]), 4)
+        todo = todo[~ok]
+        if not len(todo):
+            break
+    return images, pd.DataFrame(rec, columns=OUTCOME_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: one shard of the eval anchors
+# ----------------------------------------------------------------------------------------------------------
+def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, clf) -> dict:
+    """Everything that made the images, recorded in the index ``settings`` column."""
+    t0 = schedule.t_start(cfg["strength"])
+    steps = len(make_sampler(cfg["sampler"], schedule, cfg["steps"]).timesteps(t0))
+    return {
+        "method": "classifier-guided sdedit (x0-estimate gradient, FastDiME-style)", **cfg, "seed": int(seed),
+        "t_start": t0, "T": schedule.T, "denoising_steps": steps, "scales_tried": ladder_scales(cfg),
+        "weights": "ema" if cfg["use_ema"] else "raw", "arch": meta["spec"]["arch"], "checkpoint_sha256": meta.get("sha256", ""),
+        "precision": meta.get("precision", ""), "classifier": clf.name, "classifier_sha256": clf.spec.get("sha256", ""),
+        "classifier_input_size": clf.input_size, "score_space": clf.score_space, "threshold": clf.threshold,
+        "noise": "per-anchor, shared by both targets and all retries",
+    }
+
+
+def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.DataFrame, pack_path, pack_index_path, out_dir,
+              shard: int, n_shards: int, cfg: dict, seed: int, device, amp_dtype=None, channels_last: bool = False):
+    """Write both targets' guided counterfactuals of shard ``shard``; return (index DataFrame rows, seconds)."""
+    check_settings(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.png"):
+        os.remove(stale)
+    mine = shard_anchors(anchors, shard, n_shards)
+    ids = mine["image_id"].astype(str).tolist()
+    labels = mine["label"].astype(int).tolist()
+    settings = guided_settings(cfg, seed, schedule, meta, clf)
+    frames = []
+    if not ids:
+        log.warning("shard %d of %d has no anchors (%d anchors in all)", shard, n_shards, len(anchors))
+    pixels = read_anchor_pixels(pack_path, pack_index_path, ids) if ids else None
+    if pixels is not None and pixels.shape[1] != meta["spec"]["image_size"]:
+        raise ValueError(f"the pack holds {pixels.shape[1]} px images but the diffusion checkpoint was trained at "
+                         f"{meta['spec']['image_size']} px; rerun rule train_diffusion (image_size changed?)")
+    bs = int(cfg["batch_size"])
+    t_begin, done = time.perf_counter(), 0
+    for lo in range(0, len(ids), bs):
+        batch_ids, batch_labels = ids[lo:lo + bs], labels[lo:lo + bs]
+        b = len(batch_ids)
+        x0 = uint8_to_float(torch.from_numpy(pixels[lo:lo + bs])).to(device)
+        a_seeds = [anchor_seed(seed, a) for a in batch_ids]
+        # pairs, target-major: [all anchors -> target 0, all anchors -> target 1]
+        anchors_x = x0.repeat(len(TARGETS), 1, 1, 1)
+        targets = torch.tensor(list(TARGETS), device=device, dtype=torch.long).repeat_interleave(b)
+        images, outcome = guided_ladder(model, schedule, clf, anchors_x, targets, a_seeds * len(TARGETS), cfg,
+                                        amp_dtype=amp_dtype, channels_last=channels_last)
+        for k, target in enumerate(TARGETS):
+            for n, a in enumerate(batch_ids):
+                save_png(images[k * b + n], image_path(out_dir, a, target))
+            rows = pd.DataFrame(index_rows(batch_ids, batch_labels, target, GENERATOR, out_dir, shard, settings))
+            frames.append(pd.concat([rows, outcome.iloc[k * b:(k + 1) * b].reset_index(drop=True)], axis=1))
+        done += b
+        rate = done / max(time.perf_counter() - t_begin, 1e-9)
+        flips = float(outcome["flipped"].mean())
+        log.info("shard %d: %d/%d anchors (%.2f anchors/s); this batch: %.0f%% on the target side, scales used %s",
+                 shard, done, len(ids), rate, 100 * flips, outcome["scale"].value_counts().sort_index().to_dict())
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS + OUTCOME_COLUMNS)
+    df = df.sort_values(["target_label", "anchor_id"], kind="stable").reset_index(drop=True)
+    return df[INDEX_COLUMNS + OUTCOME_COLUMNS], time.perf_counter() - t_begin
+
+
+def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_csv, out_index, out_dir, shard: int,
+                     n_shards: int, cfg: dict, seed: int, device, precision: str = "auto", channels_last: bool = False,
+                     rule: str = "guided_counterfactuals") -> pd.DataFrame:
+    """Entry point of rule guided_counterfactuals: load generator + classifier, write one shard's PNGs + index."""
+    from cfaudit.classifiers import load_classifier
+    from cfaudit.diffusion.checkpoint import load_generator, resolve_precision
+    from cfaudit.provenance import now, write_provenance
+
+    started = now()
+    check_settings(cfg)
+    device = torch.device(device)
+    prec, amp_dtype = resolve_precision(precision, device)
+    try:
+        model, schedule, meta = load_generator(checkpoint, device, use_ema=bool(cfg["use_ema"]), channels_last=channels_last)
+    except ValueError as err:
+        raise ValueError(str(err).replace("diffusion.counterfactual.use_ema", "guided.use_ema")) from None
+    meta["precision"] = prec
+    clf = load_classifier(classifier_spec, device)
+    anchors = pd.read_csv(anchors_csv)
+    log.info("guided: %s (%s weights, step %d), s=%.3g -> t0=%d of T=%d, sampler %s (%d steps), CFG w=%g, scales %s (%s, "
+             "normalized %s), l1 %g, mask %s, consensus %s, early stop %s; classifier %s (input %d, %s, threshold %g); "
+             "%s, shard %d/%d", meta["spec"]["arch"], meta["weights"], meta["step"], cfg["strength"],
+             schedule.t_start(cfg["strength"]), schedule.T, cfg["sampler"], cfg["steps"], cfg["cfg_guidance"],
+             ladder_scales(cfg), cfg["scale_mode"], cfg["normalize_gradient"], cfg["l1_weight"], cfg["mask"],
+             cfg["consensus"], cfg["early_stop"], clf.name, clf.input_size, clf.score_space, clf.threshold, prec, shard, n_shards)
+    df, dt = run_shard(model, schedule, meta, clf, anchors, pack, pack_index, out_dir, shard, n_shards, cfg, seed, device,
+                       amp_dtype=amp_dtype, channels_last=channels_last)
+    write_csv(df, out_index)
+    n_anchors = len(df) // len(TARGETS)
+    summary = {"anchors_per_s": n_anchors / max(dt, 1e-9), "checkpoint_sha256": meta["sha256"],
+               "on_target_side": float(df["flipped"].mean()) if len(df) else float("nan"),
+               "mean_attempts": float(df["attempts"].mean()) if len(df) else float("nan")}
+    log.info("shard %d: %d anchors x 2 targets in %.1f s (%.2f anchors/s), %.1f%% on the target side -> %s", shard,
+             n_anchors, dt, summary["anchors_per_s"], 100 * summary["on_target_side"], out_index)
+    write_provenance(out_index, [checkpoint, classifier_spec, pack, pack_index, anchors_csv],
+                     {"guided": cfg, "seed": seed, "precision": prec, "shard": shard, "n_shards": n_shards},
+                     rule, started, summary)
+    return df

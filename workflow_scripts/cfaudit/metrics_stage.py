@@ -1,0 +1,260 @@
+"""File-level steps of the metrics stage: read the upstream contracts, call the pure functions in
+metrics / fid / figures, write the outputs. One function per rule; entry scripts only add logging and
+provenance. Upstream contracts read here:
+
+* results/scores/scores.csv (cfaudit/scoring.py): image_id (the anchor's id for counterfactuals),
+  generator ("original" for originals), target_label, anchor_label, path, score, ...
+* results/counterfactuals/<g>/index.csv (cfaudit/counterfactuals.py): anchor_id, anchor_label,
+  target_label, generator, path, ...
+* results/data/anchors.csv: image_id, label, png
+* results/classifier/classifier.json: threshold, score_space, name (cfaudit/classifiers.py)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cfaudit import metrics as M
+from cfaudit.files import atomic_path, write_csv
+
+log = logging.getLogger("cfaudit.metrics")
+
+
+def _write_text(text: str, path) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_spec(spec_path) -> dict:
+    """threshold / score_space / name of the audited classifier from classifier.json (no torch import)."""
+    p = Path(spec_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"classifier spec {p} not found: run the classifier stage first (snakemake {p})")
+    spec = json.loads(p.read_text())
+    missing = [k for k in ("threshold", "score_space") if k not in spec]
+    if missing:
+        raise KeyError(f"classifier spec {p} lacks {missing}; rerun the classifier stage")
+    return spec
+
+
+def read_scores(scores_path, anchors_path=None) -> pd.DataFrame:
+    """The scores table with an ``anchor_id`` column (see metrics.attach_anchor_ids)."""
+    scores = pd.read_csv(scores_path)
+    need = {"image_id", "generator", "target_label", "path", "score"}
+    if missing := need - set(scores.columns):
+        raise KeyError(f"{scores_path} lacks columns {sorted(missing)}; rerun the scoring stage")
+    anchors = pd.read_csv(anchors_path)["image_id"].astype(str) if anchors_path else None
+    scores["image_id"] = scores["image_id"].astype(str)
+    return M.attach_anchor_ids(scores, anchors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 1
+# ----------------------------------------------------------------------------------------------------------
+def make_table1(scores_path, anchors_path, spec_path, generators, bootstrap: dict, seed: int,
+                out_csv, out_md, out_html) -> pd.DataFrame:
+    from cfaudit.report import table_html
+
+    spec = read_spec(spec_path)
+    scores = read_scores(scores_path, anchors_path)
+    if "score_space" in scores.columns:
+        spaces = set(scores["score_space"].dropna().astype(str))
+        if spaces and spaces != {spec["score_space"]}:
+            raise ValueError(f"{scores_path} holds scores in {sorted(spaces)} but {spec_path} says "
+                             f"{spec['score_space']}; rerun the scoring stage")
+    table = M.table1(scores, list(generators), float(spec["threshold"]), bootstrap["resamples"], seed,
+                     bootstrap["level"])
+    table.insert(2, "score_space", spec["score_space"])
+    table.insert(3, "classifier", spec.get("name", ""))
+    write_csv(table, out_csv)
+    foot = [f"Classifier {spec.get('name', '?')}, score space {spec['score_space']}, fixed threshold "
+            f"{spec['threshold']} (prediction score > threshold); best-F1 threshold from the full sweep "
+            "(score >= threshold); flips counted on anchors the classifier got right at the fixed threshold.",
+            f"{bootstrap['resamples']} bootstrap resamples, seed {seed}."]
+    _write_text(M.table1_markdown(table, footnotes=foot), out_md)
+    _write_text(table_html(M.table1_wide(table), "Table 1", M.table1_notes(table) + foot), out_html)
+    log.info("Table 1: %d rows for groups %s", len(table), list(dict.fromkeys(table["group"])))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Closeness
+# ----------------------------------------------------------------------------------------------------------
+def _read_rgb(path, size: int | None):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im)
+
+
+def make_closeness(index_paths: dict, anchors_path, cfg: dict, bootstrap: dict, seed: int, out_summary,
+                   out_per_image, out_html=None) -> tuple[pd.DataFrame, list[str]]:
+    """Per-image closeness of every counterfactual to its anchor + the per-generator summary.
+
+    Returns (summary, files read). Both images are brought to ``cfg['size']`` (or the anchor's size).
+    """
+    anchors = pd.read_csv(anchors_path)
+    anchors["image_id"] = anchors["image_id"].astype(str)
+    if "png" not in anchors.columns:
+        raise KeyError(f"{anchors_path} lacks the png column; rerun rule anchors")
+    anchor_png = dict(zip(anchors["image_id"], anchors["png"]))
+    rows, read = [], []
+    cache: dict[str, np.ndarray] = {}
+    for gen, ipath in index_paths.items():
+        idx = pd.read_csv(ipath)
+        idx["anchor_id"] = idx["anchor_id"].astype(str)
+        for r in idx.itertuples(index=False):
+            if r.anchor_id not in anchor_png:
+                raise KeyError(f"{ipath}: anchor {r.anchor_id} is not in {anchors_path}; rerun the {gen} stage")
+            a = cache.get(r.anchor_id)
+            if a is None:
+                a = cache[r.anchor_id] = _read_rgb(anchor_png[r.anchor_id], cfg["size"])
+                read.append(anchor_png[r.anchor_id])
+            c = _read_rgb(r.path, a.shape[0] if cfg["size"] is None else cfg["size"])
+            if c.shape != a.shape:  # non-square anchors: bring the counterfactual to the anchor's exact size
+                from PIL import Image
+
+                c = np.asarray(Image.fromarray(c).resize(a.shape[1::-1], Image.BICUBIC))
+            read.append(r.path)
+            m = M.closeness(a, c, cfg["pixel_change_tolerance"], cfg["ssim_window"], cfg["ssim_sigma"])
+            rows.append({"generator": gen, "anchor_id": r.anchor_id, "anchor_label": int(r.anchor_label),
+                         "target_label": int(r.target_label), "path": r.path, "compared_at": a.shape[0], **m})
+    per_image = pd.DataFrame(rows)
+    if per_image.empty:
+        raise ValueError("no counterfactuals to compare: the counterfactual indexes are empty")
+    summary = M.closeness_summary(per_image, bootstrap["resamples"], seed, bootstrap["level"])
+    summary["pixel_change_tolerance"] = cfg["pixel_change_tolerance"]
+    summary["compared_at"] = int(per_image["compared_at"].iloc[0]) if cfg["size"] is None else cfg["size"]
+    write_csv(per_image, out_per_image)
+    write_csv(summary, out_summary)
+    if out_html:
+        from cfaudit.report import table_html
+
+        wide = summary.assign(value=[f"{e:.4f} [{lo:.4f}, {hi:.4f}]" for e, lo, hi in
+                                     zip(summary["estimate"], summary["ci_low"], summary["ci_high"])])
+        wide = wide.pivot_table(index=["generator", "direction"], columns="metric", values="value",
+                                aggfunc="first", sort=False).reset_index()
+        _write_text(table_html(wide, "Closeness of counterfactuals to their anchors", [
+            "L1 = mean |difference|, L2 = root-mean-square difference (intensities in [0, 1]); SSIM with an "
+            f"{cfg['ssim_window']}-tap Gaussian window (sigma {cfg['ssim_sigma']}); frac_changed = share of "
+            f"pixels whose largest channel difference exceeds {cfg['pixel_change_tolerance']} levels.",
+            f"Mean [{bootstrap['level']:.0%} bootstrap interval over anchors, {bootstrap['resamples']} resamples]."]),
+                    out_html)
+    return summary, read
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Realism (FID / KID or classifier-feature FD / KID)
+# ----------------------------------------------------------------------------------------------------------
+def make_realism(status_path, index_paths: dict, pack, pack_index, split, spec_path, cfg: dict, seed: int,
+                 resolution: int, device, torch_home, out_csv, out_html=None) -> tuple[pd.DataFrame, dict]:
+    """fid.csv: FID/KID with pytorch-fid's Inception when its weights were placed, else the classifier-feature
+    FD/KID with the reason FID is absent. Returns (table, info for provenance)."""
+    from cfaudit import fid as F
+    from cfaudit.data.pack import load_pack
+
+    status = json.loads(Path(status_path).read_text())
+    real, _ = load_pack(pack, pack_index, split, "eval")
+    real = F.resize_uint8(real, resolution)
+    sets: dict[str, np.ndarray] = {}
+    read = []
+    for gen, ipath in index_paths.items():
+        paths = pd.read_csv(ipath)["path"].tolist()
+        sets[gen] = F.load_pngs(paths, resolution)
+        read += paths
+    if cfg["reference_train"]:
+        train, _ = load_pack(pack, pack_index, split, "train")
+        if len(train) >= 2:
+            sets["real train (reference)"] = F.resize_uint8(train, resolution)
+    if status.get("available"):
+        import pytorch_fid
+
+        model = F.fid_inception(torch_home, cfg["dims"], device)
+
+        def extract(images):
+            return F.inception_features(model, images, cfg["batch_size"], device)
+
+        mode = "fid"
+        impl = (f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID weights {status['path']}, sha256 "
+                f"{status['sha256'][:16]}…, hash_verified={status['hash_verified']}), {cfg['dims']}-d block, "
+                f"bilinear resize to 299; FD: cfaudit.fid.frechet_distance (eigh)")
+        note = "" if status["hash_verified"] else ("weights NOT pytorch-fid's release file (hash not verified): "
+                                                   "values are not comparable to published FIDs")
+    else:
+        from cfaudit.classifiers import load_classifier
+
+        clf = load_classifier(spec_path, device)
+
+        def extract(images):
+            return F.classifier_features(clf, images, cfg["batch_size"], device)
+
+        mode = "classifier"
+        impl = (f"penultimate features of the audited classifier {getattr(clf, 'name', '?')} "
+                f"({getattr(clf, 'preprocessing', '')}); FD: cfaudit.fid.frechet_distance (eigh)")
+        note = "FID absent: " + status.get("reason", "FID-Inception weights unavailable")
+    table = F.realism_table(real, sets, extract, mode=mode, n=cfg["n"], seed=seed, kid_subsets=cfg["kid_subsets"],
+                            kid_subset_size=cfg["kid_subset_size"], resolution=resolution, implementation=impl,
+                            note=note)
+    write_csv(table, out_csv)
+    if out_html:
+        from cfaudit.report import table_html
+
+        show = table[["set", "metric", "value", "std", "n_real", "n_generated", "feature_dims", "resolution"]]
+        notes = [f"Implementation: {impl}.",
+                 "N is the same for every row (the smallest set, capped at metrics.fid.n); FID-type numbers are "
+                 "biased upward at small N and comparable only at the same N. KID: mean ± std over subsets."]
+        _write_text(table_html(show, "Realism of counterfactuals vs real eval images", [note] + notes), out_html)
+    log.info("realism (%s): N=%d, %s", mode, int(table["n_real"].iloc[0]),
+             dict(zip(table["set"] + " " + table["metric"], table["value"].round(4))))
+    return table, {"mode": mode, "implementation": impl, "n": int(table["n_real"].iloc[0]), "note": note,
+                   "weights": status, "read_files": read}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+def make_curves(scores_path, anchors_path, spec_path, generator: str, out_pr, out_roc, dpi: int) -> dict:
+    from cfaudit import figures as FG
+
+    spec = read_spec(spec_path)
+    scores = read_scores(scores_path, anchors_path)
+    if (scores["generator"] == generator).sum() == 0:
+        raise ValueError(f"{scores_path} has no rows for generator '{generator}'; rerun the scoring stage")
+    pr = FG.pr_figure(scores, generator, out_pr, spec["score_space"], dpi)
+    roc = FG.roc_figure(scores, generator, out_roc, spec["score_space"], dpi)
+    return {"pr": pr, "roc": roc}
+
+
+def make_histograms(scores_path, anchors_path, spec_path, generators, out_png, bins: int, dpi: int) -> None:
+    from cfaudit import figures as FG
+
+    spec = read_spec(spec_path)
+    scores = read_scores(scores_path, anchors_path)
+    FG.score_histograms(scores, list(generators), out_png, float(spec["threshold"]), spec["score_space"], bins, dpi)
+
+
+def make_loss_figure(loss_paths: dict, out_png, dpi: int) -> dict:
+    """``loss_paths``: {name: path or None}; returns {name: reason} for records that could not be plotted."""
+    from cfaudit import figures as FG
+
+    losses = {name: FG.read_loss_csv(p) for name, p in loss_paths.items()}
+    FG.loss_figure(losses, out_png, dpi)
+    return {name: reason for name, (_, reason) in losses.items() if reason}
+
+
+def make_realism_figure(fid_csv, out_png, dpi: int) -> None:
+    from cfaudit import figures as FG
+
+    table = pd.read_csv(fid_csv, keep_default_na=False, na_values=[""])
+    note = str(table["note"].iloc[0]) if "note" in table.columns and len(table) and isinstance(table["note"].iloc[0], str) else ""
+    FG.realism_figure(table, out_png, dpi, reason=note)

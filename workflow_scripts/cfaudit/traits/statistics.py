@@ -1,0 +1,239 @@
+"""Statistics of the trait analysis: what the counterfactuals add or remove, and what separates the classes.
+
+Paired analysis (per generator x target x stratum of anchors, one *family*):
+
+- the unit is the anchor; the difference is ``counterfactual - anchor`` per feature (for
+  ``change_inside_share`` the anchor's value is its lesion ``area``: the share of the change a uniform
+  change would put inside the lesion; ``skin_ita`` and ``skin_redness`` compare both images on the same
+  skin ring, see cfaudit.traits.analysis);
+- pairs where the anchor's or the counterfactual's segmentation raised a quality flag are left out of the
+  mask-based features when ``statistics.require_segmentation`` is true (the nuisances ``hair`` and ``ink`` keep them);
+- effect sizes: paired Cohen's d_z = mean / sd (ddof 1; nan when sd is 0) and the matched-pairs
+  rank-biserial correlation r = (R+ - R-) / (R+ + R-) over the non-zero differences (Kerby 2014);
+- Wilcoxon signed-rank test (scipy.stats.wilcoxon, two-sided, zero differences dropped, exact for <= 50
+  untied pairs, normal approximation otherwise; p = 1 when every difference is 0), Holm step-down adjustment across the features of the family;
+- percentile bootstrap CI of the mean difference, resampling anchors with replacement, seeded from
+  ``seed`` and the family (``family_seed``), the same resamples for every feature of the family.
+
+Unpaired analysis of the originals (malignant vs benign): difference of means (malignant - benign) with a
+bootstrap CI (each class resampled separately), Cliff's delta (= rank-biserial of the Mann-Whitney U),
+Mann-Whitney U two-sided p-values, Holm across features.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cfaudit.traits.features import FEATURES, MASK_FEATURES, PAIRED_SKIN
+
+ORIGINAL = "original"
+DIRECTION = {0: "benign", 1: "malignant"}
+PAIRED_COLUMNS = ["generator", "target_label", "direction", "stratum", "feature", "n", "anchor_mean", "cf_mean",
+                  "mean_diff", "median_diff", "ci_low", "ci_high", "d_z", "rank_biserial", "p_wilcoxon", "p_holm",
+                  "significant", "n_increase", "n_decrease", "bootstrap_seed", "resamples", "ci_level"]
+LABEL_COLUMNS = ["stratum", "feature", "n_benign", "n_malignant", "benign_mean", "malignant_mean", "mean_diff",
+                 "ci_low", "ci_high", "cliffs_delta", "p_mannwhitney", "p_holm", "significant", "bootstrap_seed",
+                 "resamples", "ci_level"]
+STRATA = {"all": None, "benign_anchors": 0, "malignant_anchors": 1}
+CHANGE_SHARE = "change_inside_share"
+
+
+# ------------------------------------------------------------------------------------ basic statistics
+def cohens_dz(d) -> float:
+    d = np.asarray(d, float)
+    if d.size < 2:
+        return float("nan")
+    sd = d.std(ddof=1)
+    return float(d.mean() / sd) if sd > 0 else float("nan")
+
+
+def rank_biserial_paired(d) -> float:
+    """Matched-pairs rank-biserial correlation (R+ - R-) / (R+ + R-) over non-zero differences."""
+    d = np.asarray(d, float)
+    d = d[d != 0]
+    if d.size == 0:
+        return 0.0
+    r = stats.rankdata(np.abs(d))
+    return float((r[d > 0].sum() - r[d < 0].sum()) / r.sum())
+
+
+def wilcoxon_p(d) -> float:
+    """Two-sided Wilcoxon signed-rank p-value over the non-zero differences (Wilcox's zero handling):
+    exact null distribution for up to 50 pairs without tied |d|, else the normal approximation with tie
+    correction (scipy's permutation fallback for small tied samples costs seconds per test).
+    1.0 when every difference is zero, nan without pairs."""
+    d = np.asarray(d, float)
+    if d.size == 0:
+        return float("nan")
+    d = d[d != 0]
+    if d.size == 0:
+        return 1.0
+    ties = np.unique(np.abs(d)).size < d.size
+    method = "exact" if d.size <= 50 and not ties else "approx"
+    return float(stats.wilcoxon(d, alternative="two-sided", method=method).pvalue)
+
+
+def cliffs_delta(x, y) -> float:
+    """P(X > Y) - P(X < Y) for independent samples (x = malignant, y = benign)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.size == 0 or y.size == 0:
+        return float("nan")
+    u = stats.mannwhitneyu(x, y, alternative="two-sided").statistic
+    return float(2 * u / (x.size * y.size) - 1)
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values (nan entries stay nan and do not count in the family size)."""
+    p = np.asarray(pvalues, float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out[order] = adj
+    return out
+
+
+def family_seed(seed: int, *parts) -> int:
+    """A reproducible 32-bit seed for one family, derived from the root seed and the family's names."""
+    key = "|".join(str(p) for p in parts).encode()
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(key)]).generate_state(1)[0])
+
+
+def bootstrap_mean_ci(diffs: np.ndarray, rng: np.random.Generator, resamples: int, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile CIs of the column means of ``diffs`` (n, k), resampling rows; nan columns ignored."""
+    diffs = np.asarray(diffs, float)
+    n = diffs.shape[0]
+    if n < 2 or resamples <= 0:
+        nan = np.full(diffs.shape[1], np.nan)
+        return nan, nan
+    idx = rng.integers(0, n, size=(resamples, n))
+    means = np.nanmean(diffs[idx], axis=1) if np.isnan(diffs).any() else diffs[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return np.nanquantile(means, a, axis=0), np.nanquantile(means, 1 - a, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def paired_frame(features: pd.DataFrame, generator: str, target: int, feature_names, require_segmentation: bool) -> pd.DataFrame:
+    """Anchor rows joined to the generator's target counterfactual rows: columns ``<f>_anchor``, ``<f>_cf``."""
+    anchors = features[features["role"] == "anchor"].set_index("anchor_id")
+    cfs = features[(features["role"] == "counterfactual") & (features["generator"] == generator)
+                   & (features["target_label"] == target)].set_index("anchor_id")
+    common = anchors.index.intersection(cfs.index)
+    a, c = anchors.loc[common], cfs.loc[common]
+    out = pd.DataFrame({"anchor_id": common, "anchor_label": a["anchor_label"].to_numpy()})
+    both_ok = a["seg_ok"].astype(bool).to_numpy() & c["seg_ok"].astype(bool).to_numpy()
+    for f in feature_names:
+        if f == CHANGE_SHARE:
+            av, cv = a["area"].to_numpy(float), c[CHANGE_SHARE].to_numpy(float)
+            ok = a["seg_ok"].astype(bool).to_numpy()
+        elif f in PAIRED_SKIN and f"anchor_{f}" in c:
+            # the anchor measured on the same skin ring as the counterfactual (analysis.paired_skin)
+            av, cv = c[f"anchor_{f}"].to_numpy(float), c[f].to_numpy(float)
+            ok = both_ok
+        else:
+            av, cv = a[f].to_numpy(float), c[f].to_numpy(float)
+            ok = both_ok
+        if require_segmentation and f in MASK_FEATURES + [CHANGE_SHARE]:
+            av, cv = np.where(ok, av, np.nan), np.where(ok, cv, np.nan)
+        out[f"{f}_anchor"], out[f"{f}_cf"] = av, cv
+    return out
+
+
+def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 2000, ci_level: float = 0.95,
+                      alpha: float = 0.05, require_segmentation: bool = True, by_anchor_label: bool = True,
+                      feature_names=None) -> pd.DataFrame:
+    """One row per (generator, target, stratum, feature); see the module docstring."""
+    names = list(feature_names or FEATURES + [CHANGE_SHARE])
+    cf = features[features["role"] == "counterfactual"]
+    rows = []
+    for generator in sorted(cf["generator"].unique()):
+        for target in (1, 0):
+            pairs = paired_frame(features, generator, target, names, require_segmentation)
+            strata = STRATA if by_anchor_label else {"all": None}
+            for stratum, label in strata.items():
+                sub = pairs if label is None else pairs[pairs["anchor_label"] == label]
+                rows += _family_rows(sub, names, generator, target, stratum, seed, resamples, ci_level, alpha)
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _family_rows(pairs, names, generator, target, stratum, seed, resamples, ci_level, alpha) -> list[dict]:
+    fseed = family_seed(seed, generator, target, stratum)
+    diffs = np.stack([pairs[f"{f}_cf"].to_numpy(float) - pairs[f"{f}_anchor"].to_numpy(float) for f in names], axis=1) \
+        if len(pairs) else np.zeros((0, len(names)))
+    lo, hi = bootstrap_mean_ci(diffs, np.random.default_rng(fseed), resamples, ci_level)
+    rows = []
+    for j, f in enumerate(names):
+        ok = np.isfinite(diffs[:, j])
+        d = diffs[ok, j]
+        rows.append({
+            "generator": generator, "target_label": target, "direction": DIRECTION[target], "stratum": stratum,
+            "feature": f, "n": int(d.size),
+            "anchor_mean": float(np.nanmean(pairs[f"{f}_anchor"].to_numpy(float)[ok])) if d.size else np.nan,
+            "cf_mean": float(np.nanmean(pairs[f"{f}_cf"].to_numpy(float)[ok])) if d.size else np.nan,
+            "mean_diff": float(d.mean()) if d.size else np.nan,
+            "median_diff": float(np.median(d)) if d.size else np.nan,
+            "ci_low": float(lo[j]), "ci_high": float(hi[j]),
+            "d_z": cohens_dz(d), "rank_biserial": rank_biserial_paired(d) if d.size else np.nan,
+            "p_wilcoxon": wilcoxon_p(d),
+            "n_increase": int((d > 0).sum()), "n_decrease": int((d < 0).sum()),
+            "bootstrap_seed": fseed, "resamples": resamples, "ci_level": ci_level,
+        })
+    adj = holm([r["p_wilcoxon"] for r in rows])
+    for r, p in zip(rows, adj):
+        r["p_holm"] = float(p)
+        r["significant"] = bool(np.isfinite(p) and p < alpha)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ originals
+def label_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 2000, ci_level: float = 0.95,
+                     alpha: float = 0.05, require_segmentation: bool = True, feature_names=None) -> pd.DataFrame:
+    """Malignant vs benign originals (role ``original`` or ``anchor``; each image once)."""
+    names = list(feature_names or FEATURES)
+    orig = features[features["role"].isin(["original", "anchor"])].drop_duplicates("image_id")
+    rng = np.random.default_rng(family_seed(seed, ORIGINAL, "label"))
+    rows = []
+    for f in names:
+        vals = orig[f].to_numpy(float)
+        if require_segmentation and f in MASK_FEATURES:
+            vals = np.where(orig["seg_ok"].astype(bool).to_numpy(), vals, np.nan)
+        lab = orig["anchor_label"].to_numpy()
+        m, b = vals[(lab == 1) & np.isfinite(vals)], vals[(lab == 0) & np.isfinite(vals)]
+        row = {"stratum": "originals", "feature": f, "n_benign": int(b.size), "n_malignant": int(m.size),
+               "benign_mean": float(b.mean()) if b.size else np.nan,
+               "malignant_mean": float(m.mean()) if m.size else np.nan,
+               "bootstrap_seed": family_seed(seed, ORIGINAL, "label"), "resamples": resamples, "ci_level": ci_level}
+        row["mean_diff"] = row["malignant_mean"] - row["benign_mean"]
+        if m.size >= 2 and b.size >= 2:
+            bm = m[rng.integers(0, m.size, (resamples, m.size))].mean(axis=1)
+            bb = b[rng.integers(0, b.size, (resamples, b.size))].mean(axis=1)
+            a = (1 - ci_level) / 2
+            row["ci_low"], row["ci_high"] = (float(v) for v in np.quantile(bm - bb, [a, 1 - a]))
+            row["cliffs_delta"] = cliffs_delta(m, b)
+            same = np.ptp(np.concatenate([m, b])) == 0
+            row["p_mannwhitney"] = 1.0 if same else float(stats.mannwhitneyu(m, b, alternative="two-sided").pvalue)
+        else:
+            row.update(ci_low=np.nan, ci_high=np.nan, cliffs_delta=np.nan, p_mannwhitney=np.nan)
+        rows.append(row)
+    adj = holm([r["p_mannwhitney"] for r in rows])
+    for r, p in zip(rows, adj):
+        r["p_holm"] = float(p)
+        r["significant"] = bool(np.isfinite(p) and p < alpha)
+    return pd.DataFrame(rows, columns=LABEL_COLUMNS)
+
+
+# --------------------------------------------------------------------------------------------- ranking
+def ranked(paired: pd.DataFrame, generator: str, target: int, stratum: str = "all") -> pd.DataFrame:
+    """The family's features ranked: significant first, then by |rank-biserial|, then by |d_z|."""
+    sub = paired[(paired["generator"] == generator) & (paired["target_label"] == target) & (paired["stratum"] == stratum)].copy()
+    sub["_rb"] = sub["rank_biserial"].abs().fillna(0)
+    sub["_dz"] = sub["d_z"].abs().fillna(0)
+    sub = sub.sort_values(["significant", "_rb", "_dz"], ascending=[False, False, False])
+    return sub.drop(columns=["_rb", "_dz"]).reset_index(drop=True)

@@ -1,0 +1,22 @@
+"""Entry script of rule realism: FID/KID (pytorch-fid Inception) or, without its weights, classifier-feature FD/KID."""
+
+from pathlib import Path
+
+from cfaudit.metrics_stage import make_realism
+from cfaudit.provenance import now, write_job_provenance
+from cfaudit.runtime import resolve_device, script_logging
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with script_logging(smk.log[0]):
+    started = now()
+    import torch
+
+    torch.set_num_threads(smk.threads)
+    compute = smk.config["compute"]  # read here, not a param: the device must not trigger reruns
+    device = resolve_device(compute["device"], compute["allow_cpu_fallback"])
+    indexes = dict(zip(smk.params.generators, smk.input.indexes))
+    _, info = make_realism(smk.input.status, indexes, smk.input.pack, smk.input.pack_index, smk.input.split,
+                           smk.input.spec, smk.params.fid, smk.params.seed, smk.params.resolution, device,
+                           Path(smk.input.status).parent, smk.output.csv, smk.output.html)
+    read = info.pop("read_files")
+    write_job_provenance(smk, [smk.output.csv, smk.output.html], started, extra={"realism": info}, read=read)
