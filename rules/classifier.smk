@@ -5,7 +5,6 @@
 CLF = config["classifier"]
 CLF_KIND = CLF["kind"]
 CLF_DIR = f"{RESULTS}/classifier"
-CLASSIFIER_SPEC = f"{CLF_DIR}/classifier.json"
 WEIGHTS_DIR = "resources/weights"
 
 
@@ -21,6 +20,8 @@ rule place_classifier_weights:
         kind="deepderm|checkpoint",
     params:
         source=lambda wc: {k: CLF[wc.kind][k] for k in ("url", "local_path", "sha256", "retries", "timeout_s")},
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/classifier/place_{{kind}}.log",
     script:
@@ -45,18 +46,14 @@ rule train_classifier:
     threads: job_threads("train_classifier")
     resources:
         **job_resources("train_classifier"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/classifier/train_classifier.log",
     benchmark:
         f"{BENCH}/train_classifier.tsv"
     script:
         entry_script("train_classifier.py")
-
-
-def classifier_spec_inputs(wildcards):
-    if CLF_KIND == "trained":
-        return {"weights": rules.train_classifier.output.weights, "heldout": rules.train_classifier.output.heldout}
-    return {"weights": f"{WEIGHTS_DIR}/{CLF_KIND}.pth"}
 
 
 rule classifier_spec:
@@ -67,6 +64,8 @@ rule classifier_spec:
         spec=CLASSIFIER_SPEC,
     params:
         classifier={"kind": CLF_KIND, "score_space": CLF["score_space"], CLF_KIND: CLF[CLF_KIND]},
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/classifier/classifier_spec.log",
     script:

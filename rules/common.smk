@@ -7,6 +7,9 @@ DATA = f"{RESULTS}/data"
 LOGS = "logs"
 BENCH = "benchmarks"
 
+CLASSIFIER_SPEC = f"{RESULTS}/classifier/classifier.json"  # the classifier contract every consumer loads
+SCORES = f"{RESULTS}/scores/scores.csv"
+
 # Each rules file appends the deliverables it adds to `rule all`.
 ALL_TARGETS = []
 SYNTH = "resources/synthetic"
@@ -50,3 +53,29 @@ def ground_truth_inputs(wildcards):
         if not os.path.exists(folder[key]):
             raise WorkflowError(f"dataset.folder.{key} = {folder[key]!r} does not exist (relative paths are taken from the working directory)")
     return {"images": folder["images"], "metadata": folder["labels"]}
+
+
+def classifier_spec_inputs(wildcards):
+    """Weights the classifier spec is written from: the trained stand-in, or placed DeepDerm/checkpoint weights."""
+    if CLF_KIND == "trained":
+        return {"weights": rules.train_classifier.output.weights, "heldout": rules.train_classifier.output.heldout}
+    return {"weights": f"{WEIGHTS_DIR}/{CLF_KIND}.pth"}
+
+
+def prov(path):
+    """The provenance sidecar of an output (declared so Snakemake tracks and cleans it)."""
+    return f"{path}.prov.json"
+
+
+def loss_inputs(wildcards):
+    """The loss records this run produces or that exist (a pretrained GAN has none)."""
+    return {
+        name: path
+        for name, path in MET_LOSS_MODELS.items()
+        if os.path.exists(path) or any(r.is_producer(path) for r in workflow.rules)
+    }
+
+
+def gan_checkpoint(wildcards):
+    """The generator the counterfactuals come from: the published one, or one trained here."""
+    return GAN_PRETRAINED if GAN_CFG["source"] == "pretrained" else rules.train_gan.output.checkpoint

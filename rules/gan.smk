@@ -59,10 +59,6 @@ rule train_gan:
         entry_script("train_gan.py")
 
 
-def gan_checkpoint(wildcards):
-    return GAN_PRETRAINED if GAN_CFG["source"] == "pretrained" else rules.train_gan.output.checkpoint
-
-
 rule gan_counterfactuals:
     """Benign (bin 0) and malignant (last bin) counterfactuals of anchors shard::n_shards, generator in eval mode."""
     input:

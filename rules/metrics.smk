@@ -10,8 +10,6 @@ FID_TORCH_HOME = "resources/torch_home"
 MET = config["metrics"]
 MET_GENERATORS = list(config["counterfactuals"]["generators"])
 MET_SEED = MET["bootstrap"]["seed"] if MET["bootstrap"]["seed"] is not None else config["seed"]
-MET_SCORES = f"{RESULTS}/scores/scores.csv"
-MET_SPEC = f"{RESULTS}/classifier/classifier.json"
 MET_CF_INDEXES = expand(f"{RESULTS}/counterfactuals/{{g}}/index.csv", g=MET_GENERATORS)
 # Training-loss records (seed Figure 6) of the models behind the configured generators.
 MET_LOSS_MODELS = {
@@ -28,11 +26,6 @@ export_run_identity(config)
 
 
 report: "report/workflow.rst"
-
-
-def prov(path):
-    """The provenance sidecar of an output (declared so Snakemake tracks and cleans it)."""
-    return f"{path}.prov.json"
 
 
 localrules:
@@ -56,9 +49,9 @@ rule place_fid_weights:
 rule table1:
     """Table 1: best-F1 and fixed-threshold metrics, AUROC, flip rates, with seeded bootstrap intervals."""
     input:
-        scores=MET_SCORES,
+        scores=SCORES,
         anchors=rules.anchors.output.anchors,
-        spec=MET_SPEC,
+        spec=CLASSIFIER_SPEC,
     output:
         csv=f"{METRICS_DIR}/table1.csv",
         md=f"{METRICS_DIR}/table1.md",
@@ -109,7 +102,7 @@ rule realism:
         pack=rules.resize.output.pack,
         pack_index=rules.resize.output.index,
         split=rules.split.output.split,
-        spec=MET_SPEC,
+        spec=CLASSIFIER_SPEC,
     output:
         csv=f"{METRICS_DIR}/fid.csv",
         html=report(f"{METRICS_DIR}/fid.html", caption="report/fid_table.rst", category="3. Realism and closeness",
@@ -136,9 +129,9 @@ rule realism:
 rule curve_figures:
     """Precision-recall and ROC curves of one generator's counterfactuals, originals for reference (seed Figs 7-10)."""
     input:
-        scores=MET_SCORES,
+        scores=SCORES,
         anchors=rules.anchors.output.anchors,
-        spec=MET_SPEC,
+        spec=CLASSIFIER_SPEC,
     output:
         pr=report(f"{FIGURES_DIR}/pr_{{generator}}.png", caption="report/pr.rst", category="2. Classifier curves",
                   subcategory="{generator}", labels={"generator": "{generator}", "figure": "precision-recall"}),
@@ -160,9 +153,9 @@ rule curve_figures:
 rule score_histograms:
     """Distribution of the classifier's score per target (per label for the originals), fixed threshold marked."""
     input:
-        scores=MET_SCORES,
+        scores=SCORES,
         anchors=rules.anchors.output.anchors,
-        spec=MET_SPEC,
+        spec=CLASSIFIER_SPEC,
     output:
         png=report(f"{FIGURES_DIR}/score_histograms.png", caption="report/histograms.rst",
                    category="2. Classifier curves", subcategory="all generators",
@@ -177,15 +170,6 @@ rule score_histograms:
         f"{LOGS}/metrics/score_histograms.log",
     script:
         entry_script("figure_histograms.py")
-
-
-def loss_inputs(wildcards):
-    """The loss records some rule of this run produces (or that exist): a pretrained GAN has none."""
-    return {
-        name: path
-        for name, path in MET_LOSS_MODELS.items()
-        if os.path.exists(path) or any(r.is_producer(path) for r in workflow.rules)
-    }
 
 
 rule loss_figure:

@@ -1,7 +1,6 @@
 # Scoring stage: the audited classifier's verdict on every original and counterfactual (from the saved
 # 8-bit files), and the seed's panels (anchor | benign CF | malignant CF) per generator.
 
-SCORES = f"{RESULTS}/scores/scores.csv"
 PANELS = f"{RESULTS}/panels"
 SCORED_GENERATORS = list(config["counterfactuals"]["generators"])
 
@@ -23,6 +22,8 @@ rule score:
     threads: job_threads("score")
     resources:
         **job_resources("score"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/scoring/score.log",
     benchmark:
@@ -43,6 +44,8 @@ rule panels:
         generator="|".join(SCORED_GENERATORS) or "NO_GENERATOR",
     params:
         panels=config["classifier"]["panels"],
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/scoring/panels_{{generator}}.log",
     script:

@@ -49,7 +49,7 @@ def base_cfg(**over):
         "strength": 0.6, "sampler": "ddim", "steps": 8, "cfg_guidance": 1.0, "scales": [0.3], "max_retries": 0,
         "scale_mode": "fixed", "normalize_gradient": True, "l1_weight": 0.0, "consensus": False,
         "mask": {"enabled": False, "threshold": 0.1, "dilation": 1, "start": 0.0},
-        "early_stop": {"enabled": False, "margin": 0.0, "finish": "denoise"},
+        "early_stop": {"enabled": False, "margin": 0.0, "resume": False, "finish": "denoise"},
         "batch_size": 4, "use_ema": False, "seed": None,
     }
     for k, v in over.items():
@@ -172,18 +172,54 @@ def test_early_stop_and_finish_modes():
     tg = torch.tensor([1, 1])
     # threshold -1: every estimate is already on the malignant side -> guidance stops before the first gradient step
     clf = tiny_classifier(threshold=-1.0)
-    cfg = base_cfg(early_stop={"enabled": True, "margin": 0.0, "finish": "denoise"})
+    cfg = base_cfg(early_stop={"enabled": True, "margin": 0.0, "resume": True, "finish": "denoise"})
     out, info, _ = guided_sample(model, sched, clf, a, tg, [1, 2], cfg, 5.0)
     plain, _, _ = guided_sample(model, sched, clf, a, tg, [1, 2], cfg, 0.0)
     assert info["early_stopped"].all() and (info["guided_steps"] == 0).all()
     assert torch.equal(out, plain)  # stopped at once and denoised plainly = the unguided run
-    cfg_x0 = base_cfg(early_stop={"enabled": True, "margin": 0.0, "finish": "x0"})
+    cfg_x0 = base_cfg(early_stop={"enabled": True, "margin": 0.0, "resume": True, "finish": "x0"})
     out_x0, info_x0, _ = guided_sample(model, sched, clf, a, tg, [1, 2], cfg_x0, 5.0)
     assert info_x0["early_stopped"].all() and not torch.equal(out_x0, plain)  # the first step's clean estimate
     # unreachable threshold: never stops, every step guided
     clf_hard = tiny_classifier(threshold=2.0)
     _, info_hard, n = guided_sample(model, sched, clf_hard, a, tg, [1, 2], cfg, 5.0)
     assert not info_hard["early_stopped"].any() and (info_hard["guided_steps"] == n).all()
+
+
+class ScriptedClassifier(nn.Module):
+    """The malignant logit follows a script, one value per call (plus a tiny image term, so gradients exist)."""
+
+    positive_index, threshold, score_space, name, spec, input_size = 1, 0.5, "softmax", "scripted", {}, SIZE
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.calls = list(values), 0
+
+    def forward(self, x):
+        v = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        z = 0.01 * x.mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(z), z + v], 1)
+
+    def score(self, logits):
+        return torch.softmax(logits.float(), 1)[:, 1]
+
+
+def test_early_stop_resumes_when_the_estimate_falls_back():
+    model, _ = tiny_unet()
+    sched = LinearSchedule(T)
+    a = anchors(1)
+    # p_malignant per step: 0.95 (stop), 0.95, 0.05 (back: resume), 0.05, 0.55 (inside the margin: keep going),
+    # 0.95 (stop), 0.95, 0.95
+    script = [3.0, 3.0, -3.0, -3.0, 0.2, 3.0, 3.0, 3.0]
+    es = {"enabled": True, "margin": 0.1, "finish": "denoise"}
+    clf = ScriptedClassifier(script)
+    _, info, n = guided_sample(model, sched, clf, a, torch.tensor([1]), [5], base_cfg(early_stop={**es, "resume": True}), 0.3)
+    assert n == len(script) and clf.calls == n
+    assert info["guided_steps"].tolist() == [3] and info["early_stopped"].tolist() == [True]
+    clf = ScriptedClassifier(script)
+    _, info, _ = guided_sample(model, sched, clf, a, torch.tensor([1]), [5], base_cfg(early_stop={**es, "resume": False}), 0.3)
+    assert info["guided_steps"].tolist() == [0] and clf.calls == 1  # stopped for good after the first estimate
 
 
 def test_ladder_retries_up_to_the_limit_and_is_batch_independent():
@@ -223,7 +259,7 @@ def test_run_shard_writes_pngs_and_index_with_outcomes(tmp_path):
     pd.DataFrame({"row": range(5), "image_id": ids, "label": [0, 1, 0, 1, 0]}).to_csv(tmp_path / "pack_index.csv", index=False)
     anc = pd.DataFrame({"image_id": ids[:4], "label": [0, 1, 0, 1], "png": ""})
     cfg = base_cfg(scales=[0.2, 0.6], max_retries=1, mask={"enabled": True, "threshold": 0.2, "dilation": 1, "start": 0.5},
-                   early_stop={"enabled": True, "margin": 0.05, "finish": "denoise"}, batch_size=1)
+                   early_stop={"enabled": True, "margin": 0.05, "resume": True, "finish": "denoise"}, batch_size=1)
     frames = []
     for shard in (0, 1):
         df, _ = run_shard(model, sched, meta, clf, anc, tmp_path / "pack.npy", tmp_path / "pack_index.csv",

@@ -20,7 +20,9 @@ every retry share it):
    at the end), so the final image equals the anchor wherever the mask is 0.
 5. Early stop: once the classifier's score of the estimate x0 is past its threshold with ``margin`` on the target
    side, that image's classifier guidance stops; it then finishes with plain (CFG + mask) denoising, or
-   (``finish: x0``) returns that estimate.
+   (``finish: x0``) returns that estimate. With ``resume`` (finish denoise) the stopped image's estimate is still
+   scored every step and guidance resumes while it is back on the source side of the threshold (hysteresis: early,
+   blurry estimates may cross the threshold long before the sharp image does).
 6. Ladder: a pair whose final 8-bit image is not on the target side of the threshold is regenerated from the
    start, same noise, with the next ``scales`` entry, up to ``max_retries`` times (the last attempt is kept).
 
@@ -162,9 +164,10 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
     noise_fn = noise.draw if smp.stochastic else None
     mask_from = int(math.floor(float(mcfg["start"]) * len(ts)))
     guiding = torch.full((p,), scale > 0, dtype=torch.bool, device=device)
+    paused = torch.zeros(p, dtype=torch.bool, device=device)  # early-stopped: target reached with the margin
     frozen = torch.zeros(p, dtype=torch.bool, device=device)  # finish: x0 -> image fixed at its early-stop estimate
+    resume = bool(ecfg["enabled"]) and bool(ecfg.get("resume", False)) and ecfg["finish"] == "denoise"
     guided_steps = torch.zeros(p, dtype=torch.long, device=device)
-    early = torch.zeros(p, dtype=torch.bool, device=device)
     mask_frac = torch.ones(p, device=device)
     out = torch.empty_like(a)
     null = torch.full_like(targets, NULL_LABEL)
@@ -182,7 +185,9 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
         masked = bool(mcfg["enabled"]) and i >= mask_from
         m = change_mask(x0, a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
         g = torch.zeros_like(a)
-        idx = torch.nonzero(guiding & ~frozen).flatten()
+        # pairs whose classifier term is evaluated this step: paused ones too when guidance may resume
+        watch = ~frozen & (guiding | paused) if resume else ~frozen & guiding & ~paused
+        idx = torch.nonzero(watch).flatten()
         if len(idx):
             gi, score = classifier_gradient(clf, x0[idx], a[idx], targets[idx], l1_weight=float(cfg["l1_weight"]),
                                             normalize=bool(cfg["normalize_gradient"]),
@@ -190,10 +195,12 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
                                             amp_dtype=amp_dtype)
             if ecfg["enabled"]:
                 reached = on_target_side(score, targets[idx], clf.threshold, float(ecfg["margin"]))
-                gi[reached] = 0.0
-                stop = idx[reached]
-                guiding[stop] = False
-                early[stop] = True
+                newly = reached & ~paused[idx]
+                if resume:  # a paused image whose estimate fell back to the source side is guided again
+                    back = paused[idx] & ~on_target_side(score, targets[idx], clf.threshold)
+                    paused[idx[back]] = False
+                paused[idx[newly]] = True
+                stop = idx[newly]
                 if ecfg["finish"] == "x0" and len(stop):
                     est = x0[stop]
                     if m is not None:
@@ -201,7 +208,9 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
                         mask_frac[stop] = m[stop].flatten(1).mean(1)
                     out[stop] = est
                     frozen[stop] = True
-                guided_steps[idx[~reached]] += 1
+                on = ~paused[idx]
+                gi[~on] = 0.0
+                guided_steps[idx[on]] += 1
             else:
                 guided_steps[idx] += 1
             g[idx] = gi
@@ -221,7 +230,7 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
                           "path": None if path is None else path.clone()})
     live = ~frozen
     out[live] = x[live]
-    info = {"guided_steps": guided_steps, "early_stopped": early, "mask_fraction": mask_frac if mcfg["enabled"] else
+    info = {"guided_steps": guided_steps, "early_stopped": paused, "mask_fraction": mask_frac if mcfg["enabled"] else
             torch.ones(p, device=device)}
     return out.clamp(-1.0, 1.0), info, len(ts)
 

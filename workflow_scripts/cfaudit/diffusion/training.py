@@ -326,8 +326,8 @@ def run_training(*, pack, pack_index, split, checkpoint_out, loss_csv, loss_png,
     res = train_diffusion(pack=pack, pack_index=pack_index, split=split, checkpoint_out=checkpoint_out,
                           state_path=state_path, cfg=cfg, image_size=image_size, seed=seed, device=device, on_step=on_step)
     spec = res["spec"]
-    title = (f"Diffusion training loss ({spec['arch']}, {res['parameters'] / 1e6:.2f} M params, {image_size} px, "
-             f"T={cfg['T']})")
+    title = (f"Diffusion training loss vs epochs\n({spec['arch']}, {res['parameters'] / 1e6:.2f} M parameters, "
+             f"{image_size} px, T={cfg['T']})")
     write_loss_outputs(res["history"], loss_csv, loss_png, title)
     slice_ = {"diffusion": train_config(cfg), "image_size": image_size, "seed": seed}
     extra = {"training": {"steps": res["steps"], "resumed_from_step": res["resumed_from"], "precision": res["precision"],
