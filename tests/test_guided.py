@@ -47,7 +47,7 @@ def tiny_classifier(seed=1, threshold=0.5, input_size=12):
 def base_cfg(**over):
     cfg = {
         "strength": 0.6, "sampler": "ddim", "steps": 8, "cfg_guidance": 1.0, "scales": [0.3], "max_retries": 0,
-        "scale_mode": "fixed", "normalize_gradient": True, "l1_weight": 0.0, "consensus": False,
+        "scale_mode": "fixed", "normalize_gradient": "rms", "l1_weight": 0.0, "consensus": False,
         "mask": {"enabled": False, "threshold": 0.1, "dilation": 1, "start": 0.0},
         "early_stop": {"enabled": False, "margin": 0.0, "resume": False, "finish": "denoise"},
         "batch_size": 4, "use_ema": False, "seed": None,
@@ -137,18 +137,21 @@ def test_classifier_gradient_consensus_l1_and_scores():
     x0 = anchors(2, seed=9)
     a = anchors(2, seed=10)
     tg = torch.tensor([1, 0])
-    g_raw, score = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize=False)
+    g_raw, score = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none")
     with torch.no_grad():
         assert torch.allclose(score, clf.prob_malignant(x0), atol=1e-6)
     d = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
-    g_con, _ = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize=False, class_direction=d)
+    g_con, _ = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none", class_direction=d)
     agree = torch.sign(g_raw) == torch.sign(d)
     assert torch.equal(g_con[agree], g_raw[agree]) and (g_con[~agree] == 0).all() and agree.any() and (~agree).any()
     # the L1 term: d/dx0 of l1_weight * mean|x0 - a| is l1_weight * sign / n_pixels
-    g_l1, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize=False)
+    g_l1, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize="none")
     assert torch.allclose(g_l1 - g_raw, 3.0 * torch.sign(x0 - a) / x0[0].numel(), atol=1e-7)
-    g_n, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize=True)
+    g_n, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize="rms")
     assert torch.allclose(g_n.pow(2).flatten(1).mean(1), torch.ones(2), atol=1e-5)
+    g_m, _ = classifier_gradient(clf, x0, a, tg, l1_weight=3.0, normalize="max")
+    assert torch.allclose(g_m.abs().flatten(1).amax(1), torch.ones(2))
+    assert torch.allclose(torch.nn.functional.cosine_similarity(g_m.flatten(1), g_n.flatten(1)), torch.ones(2), atol=1e-5)
     # a small step against the gradient raises the target probability (benign target: lowers p_malignant)
     with torch.no_grad():
         before = target_log_prob(clf(x0), tg, 1)

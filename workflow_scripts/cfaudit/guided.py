@@ -10,7 +10,8 @@ every retry share it):
    NOT differentiated (FastDiME) — the gradient ``g`` of ``CE(clf(x0), target) + l1_weight * mean|x0 - a|``, the
    classifier's own differentiable resize taking x0 to its input size. Optionally (``consensus``) only the
    classifier-gradient components whose sign agrees with the model's class direction ``eps(y) - eps(null)`` are
-   kept; optionally (``normalize_gradient``) g is rescaled to unit RMS per image.
+   kept; ``normalize_gradient`` rescales g per image to unit RMS (``rms``) or unit largest magnitude (``max``: no
+   pixel moves by more than the scale in one step).
 3. The sampler's step is taken with the guided eps and its result (the sampler's mean, plus its noise for ddpm)
    is moved by ``-scale * c * g``: ``c = sqrt(abar_t')`` for ``scale_mode: fixed`` (the clean content of x_t'
    moves by -scale g) or ``c = 1 - abar_t / abar_t'`` for ``variance`` (the step's fixed_large variance Sigma;
@@ -24,7 +25,8 @@ every retry share it):
    scored every step and guidance resumes while it is back on the source side of the threshold (hysteresis: early,
    blurry estimates may cross the threshold long before the sharp image does).
 6. Ladder: a pair whose final 8-bit image is not on the target side of the threshold is regenerated from the
-   start, same noise, with the next ``scales`` entry, up to ``max_retries`` times (the last attempt is kept).
+   start, same noise, with the next ``scales`` entry and an early-stop margin wider by ``retry_margin``, up to
+   ``max_retries`` times (the last attempt is kept).
 
 The classifier's gradient is per image (losses are summed, the network is frozen, batch norm in eval mode), so a
 pair's image depends only on its anchor, target, seed and scale — not on the batch, the shard or the retries of
@@ -77,6 +79,13 @@ def ladder_scales(cfg: dict) -> list[float]:
     return [float(s) for s in cfg["scales"][: 1 + int(cfg["max_retries"])]]
 
 
+def ladder_margins(cfg: dict) -> list[float]:
+    """Early-stop margin of each attempt: ``margin + k * retry_margin`` on retry k (a failed image's blurry early
+    estimates may already look like the target; a wider margin on the retry makes the guidance engage)."""
+    es = cfg["early_stop"]
+    return [float(es["margin"]) + k * float(es.get("retry_margin", 0.0)) for k in range(len(ladder_scales(cfg)))]
+
+
 def target_log_prob(logits: torch.Tensor, targets: torch.Tensor, positive_index: int) -> torch.Tensor:
     """log P(target side): log p_positive for target 1 (malignant), log(1 - p_positive) for target 0."""
     logp = torch.log_softmax(logits.float(), dim=1)
@@ -114,9 +123,10 @@ def shift_coefficient(schedule: LinearSchedule, t: int, t_prev: int, mode: str) 
 
 
 def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: torch.Tensor, *, l1_weight: float,
-                        normalize: bool, class_direction: torch.Tensor | None = None, amp_dtype=None):
+                        normalize: str = "none", class_direction: torch.Tensor | None = None, amp_dtype=None):
     """Gradient of ``CE(clf(x0), target) + l1_weight * mean|x0 - anchor|`` w.r.t. the estimate x0, and the scores.
 
+    ``normalize``: "rms" (unit root-mean-square per image), "max" (unit largest |g| per image) or "none".
     Returns (g, score): g (N,3,H,W) float32, score (N,) in the classifier's score space (of x0, before the step).
     ``class_direction`` (eps(y) - eps(null)): keep only the classifier-gradient components agreeing with it in sign.
     """
@@ -131,9 +141,12 @@ def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: to
         g_cls = g_cls * (torch.sign(g_cls) == torch.sign(class_direction)).float()
     n_pix = x[0].numel()
     g = g_cls + (l1_weight / n_pix) * torch.sign(x.detach() - anchor)
-    if normalize:
-        rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)
-        g = g / rms.view(-1, 1, 1, 1)
+    if normalize == "rms":
+        g = g / g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
+    elif normalize == "max":
+        g = g / g.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    elif normalize != "none":
+        raise ValueError(f"config key 'guided.normalize_gradient': {normalize!r} is not one of rms, max, none")
     return g.detach(), clf.score(logits.detach())
 
 
@@ -190,7 +203,7 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
         idx = torch.nonzero(watch).flatten()
         if len(idx):
             gi, score = classifier_gradient(clf, x0[idx], a[idx], targets[idx], l1_weight=float(cfg["l1_weight"]),
-                                            normalize=bool(cfg["normalize_gradient"]),
+                                            normalize=str(cfg["normalize_gradient"]),
                                             class_direction=direction[idx] if direction is not None else None,
                                             amp_dtype=amp_dtype)
             if ecfg["enabled"]:
@@ -260,7 +273,8 @@ def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
     todo = np.arange(p)
     for k, scale in enumerate(ladder_scales(cfg)):
         sel = torch.as_tensor(todo, device=device)
-        imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg,
+        cfg_k = {**cfg, "early_stop": {**cfg["early_stop"], "margin": ladder_margins(cfg)[k]}}
+        imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg_k,
                                             scale, amp_dtype=amp_dtype, channels_last=channels_last)
         u8 = float_to_uint8(imgs)
         score = final_scores(clf, u8, device, amp_dtype)
@@ -291,6 +305,7 @@ def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, 
     return {
         "method": "classifier-guided sdedit (x0-estimate gradient, FastDiME-style)", **cfg, "seed": int(seed),
         "t_start": t0, "T": schedule.T, "denoising_steps": steps, "scales_tried": ladder_scales(cfg),
+        "margins_tried": ladder_margins(cfg),
         "weights": "ema" if cfg["use_ema"] else "raw", "arch": meta["spec"]["arch"], "checkpoint_sha256": meta.get("sha256", ""),
         "precision": meta.get("precision", ""), "classifier": clf.name, "classifier_sha256": clf.spec.get("sha256", ""),
         "classifier_input_size": clf.input_size, "score_space": clf.score_space, "threshold": clf.threshold,
@@ -364,7 +379,7 @@ def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_c
     clf = load_classifier(classifier_spec, device)
     anchors = pd.read_csv(anchors_csv)
     log.info("guided: %s (%s weights, step %d), s=%.3g -> t0=%d of T=%d, sampler %s (%d steps), CFG w=%g, scales %s (%s, "
-             "normalized %s), l1 %g, mask %s, consensus %s, early stop %s; classifier %s (input %d, %s, threshold %g); "
+             "normalized: %s), l1 %g, mask %s, consensus %s, early stop %s; classifier %s (input %d, %s, threshold %g); "
              "%s, shard %d/%d", meta["spec"]["arch"], meta["weights"], meta["step"], cfg["strength"],
              schedule.t_start(cfg["strength"]), schedule.T, cfg["sampler"], cfg["steps"], cfg["cfg_guidance"],
              ladder_scales(cfg), cfg["scale_mode"], cfg["normalize_gradient"], cfg["l1_weight"], cfg["mask"],
