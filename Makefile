@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CORES ?= all
 
-.PHONY: install demo report test test-fast lint dag clean-results
+.PHONY: install demo report test test-fast lint dag clean-results benchmark
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow and not cluster"
+
+# Every performance figure (GPU when visible) + the embedded demo end to end; appended to BENCHMARKS.md.
+benchmark: $(STAMP)
+	$(BIN)/python -m cfaudit.benchmark --demo
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -279,6 +279,34 @@ def test_resume_after_kill_continues_from_same_step_and_state(tiny_pack, tmp_pat
     assert other["resumed_from"] == 0
 
 
+def test_ddp_two_gloo_processes_equal_one_process(tiny_pack, tmp_path):
+    """torchrun + DistributedDataParallel on the CPU (gloo): 2 ranks with the same global batch reach the weights
+    of one process, up to summation order; batch 7 of 36 images leaves a last batch of 1, so rank 1 runs the
+    zero-weight stand-in there. A GroupNorm model: BatchNorm would need SyncBatchNorm, which needs GPUs."""
+    from cfaudit.diffusion.distributed import launch_training
+
+    cfg = diffusion_cfg(**TINY_UNET, epochs=2, batch_size=7, lr=2e-3, ema_decay=0.9, flips="both", label_dropout=0.3,
+                        checkpoint_every=0, log_every=2)
+    one = _train(tiny_pack, tmp_path / "one", cfg)
+    two = launch_training(2, device="cpu", threads=2, pack=tiny_pack["pack"], pack_index=tiny_pack["pack_index"],
+                          split=tiny_pack["split"], checkpoint_out=tmp_path / "two" / "checkpoint.pt",
+                          state_path=tmp_path / "two" / "train_state.pt", cfg=cfg, image_size=32, seed=11)
+    assert one["steps"] == two["steps"] == 12 and two["world_size"] == 2 and one["world_size"] == 1
+    a, b = load_checkpoint(tmp_path / "one" / "checkpoint.pt"), load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    moved = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
+    assert moved < 1e-4, moved
+    start = model_from_spec_seeded(a["spec"], 11)
+    assert any(float((start[k] - a["model"][k]).abs().max()) > 1e-3 for k in start)  # training did move the weights
+    pd.testing.assert_series_equal(one["history"]["loss"], two["history"]["loss"], rtol=1e-4)
+
+
+def model_from_spec_seeded(spec, seed):
+    from cfaudit.models import model_from_spec
+
+    torch.manual_seed(seed)
+    return {k: v.float() for k, v in model_from_spec(spec).state_dict().items()}
+
+
 def test_non_finite_loss_stops_with_clear_message(tiny_pack, tmp_path, monkeypatch):
     import cfaudit.diffusion.training as T
 

@@ -156,7 +156,7 @@ def synthetic_run(tmp_path):
 
 
 CFG = {"n": 2048, "dims": 2048, "batch_size": 16, "kid_subsets": 5, "kid_subset_size": 1000,
-       "reference_train": True}
+       "reference_train": True, "reference": "class_matched"}
 
 
 def _run(d, status, **cfg):
@@ -174,6 +174,7 @@ def test_realism_falls_back_to_classifier_features_and_says_so(synthetic_run):
     assert (table["note"].str.contains("FID absent") & table["note"].str.contains("no network")).all()
     assert set(table["set"]) == {"gan", "real train (reference)"}
     assert (table["n_real"] == 8).all() and (table["n_generated"] == 8).all()  # one common N, recorded
+    assert (table["reference"] == "class-matched: 4 images per class").all()
     assert table["implementation"].str.contains("toy_resnet18").all()
     assert (table["feature_dims"] == 512).all()  # resnet18's penultimate features
     assert info["mode"] == "classifier" and len(info["read_files"]) == 8
@@ -184,10 +185,35 @@ def test_realism_falls_back_to_classifier_features_and_says_so(synthetic_run):
 def test_realism_uses_pytorch_fid_when_weights_are_placed(synthetic_run, staged_weights):
     torch.set_num_threads(1)
     status = F.place_weights(synthetic_run / "torch_home", str(staged_weights), "", check_hash=False)
-    table, info = _run(synthetic_run, status, n=5, dims=192)  # small N and an early block: a quick CPU test
+    table, info = _run(synthetic_run, status, n=5, dims=192, reference="eval")  # small N, early block: quick
     assert set(table["metric"]) == {"FID", "KID"} and info["mode"] == "fid"
     assert (table["n_real"] == 5).all() and (table["feature_dims"] == 192).all()
     assert table["implementation"].str.contains("pytorch-fid").all()
     assert table["note"].str.contains("NOT pytorch-fid's release").all()  # the random weights are flagged
     fid = table[table.metric == "FID"].set_index("set")["value"]
     assert fid["gan"] > 0 and np.isfinite(fid["real train (reference)"])
+
+
+def test_class_matched_reference_compares_each_target_with_its_class():
+    """Eval images 80 % benign; a perfect counterfactual set (half of each target, drawn from the real class
+    distributions) is close to a class-matched reference and far from the eval mix."""
+    rng = np.random.default_rng(0)
+
+    def draw(labels):  # features: class mean 0 or 3 in every dimension, unit noise; the 'image' carries them
+        return (np.asarray(labels)[:, None] * 3.0 + rng.normal(size=(len(labels), 4))).astype(np.float32)
+
+    real_labels = np.array([0] * 400 + [1] * 100)
+    cf_labels = np.array([0, 1] * 150)
+    real, cf = draw(real_labels), draw(cf_labels)
+    kw = dict(mode="classifier", n=2048, seed=1, kid_subsets=3, kid_subset_size=50, resolution=8, implementation="toy")
+    matched = F.realism_table(real, {"cf": cf}, lambda x: x, real_labels=real_labels, set_labels={"cf": cf_labels}, **kw)
+    mixed = F.realism_table(real, {"cf": cf}, lambda x: x, **kw)
+    fd_m = matched.set_index("metric").loc["classifier-feature FD", "value"]
+    fd_e = mixed.set_index("metric").loc["classifier-feature FD", "value"]
+    assert matched["n_real"].iloc[0] == 200 and matched["reference"].iloc[0] == "class-matched: 100 images per class"
+    assert mixed["n_real"].iloc[0] == 300 and mixed["reference"].iloc[0] == "the eval split's class mix"
+    assert fd_m < 0.5 < 3 < fd_e  # mean shift 3 x (0.5 - 0.2) per dimension in the eval mix: FD ~ 4 x 0.81 + cov
+    idx = F.stratified_subsample(real_labels, 100, np.random.default_rng(2))
+    assert len(idx) == 200 and (real_labels[idx] == 1).sum() == 100 and np.all(np.diff(idx) > 0)
+    with pytest.raises(ValueError, match="reference: eval"):
+        F.realism_table(real, {"cf": cf}, lambda x: x, real_labels=real_labels, set_labels={"cf": np.zeros(300, int)}, **kw)

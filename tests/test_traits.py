@@ -5,7 +5,6 @@ whose trait changes are known (the planted-shift positive control; a trained gen
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -308,6 +307,31 @@ def test_paired_statistics_detect_a_known_shift_and_not_noise():
     assert again.equals(paired_statistics(feats, seed=1, resamples=500, feature_names=["diameter", "colour_sd", "hair"]))
 
 
+def test_vs_reconstruction_cancels_a_label_blind_artefact():
+    """Every regenerated image gets +0.05 'roughness' whatever the label (a regeneration artefact). Against the
+    anchor the benign counterfactual looks rougher; against the same-label reconstruction only the label's effect
+    (-0.03 toward benign, +0.03 toward malignant) is left: the difference is computed on the opposite-class anchors."""
+    feats = constructed_features(n=40, shift=0.0, seed=3)
+    cf = feats["role"] == "counterfactual"
+    toward = np.where(feats["target_label"] == 1, 0.03, -0.03) * (feats["target_label"] != feats["anchor_label"])
+    feats.loc[cf, "diameter"] = feats.loc[cf, "diameter"] + 0.05 + toward[cf]
+    feats["change_inside_share"] = np.where(cf, 0.5, np.nan)
+    p = paired_statistics(feats, seed=1, resamples=300, feature_names=["diameter", "colour_sd", "area",
+                                                                       "change_inside_share"])
+    feats_cf = feats[cf].pivot(index="anchor_id", columns="target_label", values="diameter")
+    labels = feats[feats["role"] == "anchor"].set_index("anchor_id")["anchor_label"]
+    for t in (1, 0):
+        rec = p[(p["stratum"] == "vs_reconstruction") & (p["target_label"] == t)].set_index("feature")
+        assert "change_inside_share" not in rec.index  # defined against the anchor only
+        ids = labels[labels == 1 - t].index
+        expected = (feats_cf.loc[ids, t] - feats_cf.loc[ids, 1 - t]).mean()  # independent: CF(t) - CF(own label)
+        assert rec.loc["diameter", "n"] == len(ids) == 20
+        assert rec.loc["diameter", "mean_diff"] == pytest.approx(expected) and np.sign(expected) == (1 if t else -1)
+        assert rec.loc["diameter", "significant"]
+        vs_anchor = p[(p["stratum"] == "malignant_anchors") & (p["target_label"] == 0)].set_index("feature")
+        assert vs_anchor.loc["diameter", "mean_diff"] > 0  # the artefact wins against the anchor itself
+
+
 def test_no_shift_is_rarely_significant():
     """Under the null (no shift anywhere) the Holm-corrected family rejects at most at about alpha."""
     families = 60
@@ -380,13 +404,13 @@ def test_analysis_recovers_planted_trait_shifts(tmp_path):
         assert allp.loc[(t, "change_inside_share"), "significant"]  # the change sits on the lesion
 
 
-def assert_recovers_planted_traits(paired: pd.DataFrame, generator: str, require_all: bool):
+def assert_recovers_planted_traits(paired: pd.DataFrame, generator: str, require_all: bool, stratum: str = "all"):
     """Malignant counterfactuals increase the planted traits and benign ones decrease them."""
-    v = control_verdict(paired, generator)
+    v = control_verdict(paired, generator, stratum)
     assert len(v) == 2 * len(PLANTED_EFFECTS)
     if require_all:
         assert v["recovered"].all(), v
-    else:  # a learned generator: every planted feature moves the right way, most of them significantly
+    else:  # a learned generator: every planted feature moves the right way, at least half of them significantly
         assert v["sign_ok"].all(), v
         assert v["recovered"].mean() >= 0.5, v
 
@@ -418,23 +442,19 @@ def test_pipeline_trait_stage_with_positive_control(tmp_path, run_snakemake, tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("generator", ["guided"])
-def test_learned_generator_moves_the_planted_traits(tmp_path, run_snakemake, repo_root, generator):
-    """The issue's acceptance test: on the embedded data, the counterfactuals of a generator guided by a
-    classifier that learned the planted traits increase them toward malignant and decrease them toward
-    benign. It trains the classifier and the diffusion model of the demo configuration (config.yaml: GPU
-    minutes, CPU hours), so it is opt-in: CFAUDIT_ACCEPTANCE=1 (a GPU CI job); CFAUDIT_ACCEPTANCE_CONFIG may
-    name a YAML file of further overrides (e.g. compute.device: cuda)."""
-    if not (repo_root / "rules" / f"{generator}.smk").exists():
-        pytest.skip(f"generator {generator!r} has no rules file yet (rules/{generator}.smk)")
-    if os.environ.get("CFAUDIT_ACCEPTANCE") != "1":
-        pytest.skip("trains the demo's classifier and diffusion model; set CFAUDIT_ACCEPTANCE=1 to run (GPU advised)")
-    cfg = {"counterfactuals": {"generators": [generator]}, "traits": {"positive_control": False}}
-    extra = os.environ.get("CFAUDIT_ACCEPTANCE_CONFIG")
-    if extra:
-        from cfaudit.config import deep_update
-
-        deep_update(cfg, yaml.safe_load(Path(extra).read_text()) or {})
+def test_learned_generator_moves_the_planted_traits(tmp_path, run_snakemake):
+    """The issue's acceptance test: on the embedded data (the demo's config.yaml), the counterfactuals of the
+    diffusion model guided by the trained stand-in classifier increase the planted traits toward malignant and
+    decrease them toward benign. Measured against the generator's own same-label reconstruction of each
+    opposite-class anchor (stratum vs_reconstruction): any regeneration roughens borders and blurs, whatever the
+    label, which the comparison with the anchor itself would count as 'more irregular' in both directions.
+    Trains the demo's classifier and diffusion model (about 3 minutes on 2 idle cores)."""
+    cfg = {"counterfactuals": {"generators": ["guided"]}, "traits": {"positive_control": False},
+           "split": {"max_anchors": None}}  # all 120 eval anchors (48 malignant): power for the benign direction
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     run_snakemake(tmp_path, tmp_path / "config.yaml", targets=["results/traits/paired_stats.csv"])
-    assert_recovers_planted_traits(pd.read_csv(tmp_path / "results/traits/paired_stats.csv"), generator, require_all=False)
+    paired = pd.read_csv(tmp_path / "results/traits/paired_stats.csv")
+    assert_recovers_planted_traits(paired, "guided", require_all=False, stratum="vs_reconstruction")
+    # toward malignant, the anchor comparison agrees (adding irregularity is also what regeneration does)
+    v = control_verdict(paired, "guided", "all")
+    assert v[v["target_label"] == 1]["sign_ok"].all(), v

@@ -319,35 +319,70 @@ def subsample(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n_total, n, replace=False))
 
 
+def class_matched_size(real_labels: np.ndarray, set_labels: dict[str, np.ndarray], n: int) -> int:
+    """Images per class when every set and the real reference are drawn with the same number of images of each
+    class (the counterfactuals' targets are balanced): min(n // classes, the rarest class in any set)."""
+    classes = sorted(set(np.unique(real_labels)) | set().union(*(np.unique(v) for v in set_labels.values())))
+    counts = [int((lab == c).sum()) for lab in [real_labels, *set_labels.values()] for c in classes]
+    return int(min([n // max(len(classes), 1)] + counts))
+
+
+def stratified_subsample(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``per_class`` seeded picks from every class present in ``labels``."""
+    picks = [np.flatnonzero(labels == c)[subsample(int((labels == c).sum()), per_class, rng)] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
 def realism_table(real: np.ndarray, sets: dict[str, np.ndarray], extract, *, mode: str, n: int, seed: int,
                   kid_subsets: int, kid_subset_size: int, resolution: int, implementation: str,
-                  note: str = "") -> "pd.DataFrame":
+                  note: str = "", real_labels: np.ndarray | None = None,
+                  set_labels: dict[str, np.ndarray] | None = None) -> "pd.DataFrame":
     """FD and KID of every image set in ``sets`` against ``real`` at ONE common N.
 
     ``real`` and each set: uint8 (N, resolution, resolution, 3). ``extract(images) -> (N, D)`` features.
-    ``mode``: "fid" (rows FID / KID) or "classifier" (rows classifier-feature FD / KID). N is
-    ``min(n, len(real), every set's size)``; each set (and the real set) is subsampled to N with a
-    seeded generator, so every value in the table is at the same N.
+    ``mode``: "fid" (rows FID / KID) or "classifier" (rows classifier-feature FD / KID).
+    Without labels N is ``min(n, len(real), every set's size)`` and each set (and the real set) is subsampled to
+    N with a seeded generator. With ``real_labels`` and ``set_labels`` (a label per image: the target for
+    counterfactuals) every set and the real reference are drawn class-matched, the same number m of images of
+    each class (N = m x classes): a generator whose counterfactuals do reach the other class is then compared
+    with real images of that class, instead of with the eval split's class mix (mostly benign in ISIC).
     """
     import pandas as pd
 
-    sizes = [len(real)] + [len(v) for v in sets.values()]
-    n_used = int(min([n] + sizes))
-    if n_used < 2:
-        raise ValueError(f"realism metrics need at least 2 images per set; sizes {sizes}")
     rng = np.random.default_rng(seed)
-    real_feats = extract(real[subsample(len(real), n_used, rng)])
+    matched = real_labels is not None and set_labels is not None
+    labels = {"__real__": real_labels, **(set_labels or {})}
+    if matched:
+        per_class = class_matched_size(np.asarray(real_labels), {k: np.asarray(v) for k, v in set_labels.items()}, n)
+        if per_class < 2:
+            raise ValueError(f"class-matched realism needs at least 2 images of each class in every set and in the real "
+                             f"eval images (got {per_class}); set metrics.fid.reference: eval")
+        n_used = per_class * len(np.unique(real_labels))
+        reference = f"class-matched: {per_class} images per class"
+    else:
+        sizes = [len(real)] + [len(v) for v in sets.values()]
+        n_used = int(min([n] + sizes))
+        if n_used < 2:
+            raise ValueError(f"realism metrics need at least 2 images per set; sizes {sizes}")
+        reference = "the eval split's class mix"
+
+    def draw(name: str, total: int) -> np.ndarray:
+        if matched:
+            return stratified_subsample(np.asarray(labels[name]), per_class, rng)
+        return subsample(total, n_used, rng)
+
+    real_feats = extract(real[draw("__real__", len(real))])
     fd_name, kid_name = (FID, KID) if mode == "fid" else (CLF_FD, CLF_KID)
     rows = []
     for pos, (name, images) in enumerate(sets.items()):
-        feats = extract(images[subsample(len(images), n_used, rng)])
+        feats = extract(images[draw(name, len(images))])
         fd = fd_from_features(real_feats, feats)
         k_mean, k_std, k_m = kid(real_feats, feats, kid_subsets, kid_subset_size, seed + 1 + pos)
         common = {"set": name, "n_real": n_used, "n_generated": n_used, "n_available": len(images),
-                  "feature_dims": real_feats.shape[1], "resolution": resolution, "implementation": implementation,
-                  "note": note}
+                  "feature_dims": real_feats.shape[1], "resolution": resolution, "reference": reference,
+                  "implementation": implementation, "note": note}
         rows.append({**common, "metric": fd_name, "value": fd, "std": np.nan, "kid_subset_size": np.nan})
         rows.append({**common, "metric": kid_name, "value": k_mean, "std": k_std, "kid_subset_size": k_m})
     cols = ["set", "metric", "value", "std", "n_real", "n_generated", "n_available", "feature_dims", "resolution",
-            "kid_subset_size", "implementation", "note"]
+            "kid_subset_size", "reference", "implementation", "note"]
     return pd.DataFrame(rows, columns=cols)

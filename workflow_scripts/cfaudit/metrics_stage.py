@@ -164,18 +164,22 @@ def make_realism(status_path, index_paths: dict, pack, pack_index, split, spec_p
     from cfaudit.data.pack import load_pack
 
     status = json.loads(Path(status_path).read_text())
-    real, _ = load_pack(pack, pack_index, split, "eval")
+    real, real_index = load_pack(pack, pack_index, split, "eval")
     real = F.resize_uint8(real, resolution)
     sets: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
     read = []
     for gen, ipath in index_paths.items():
-        paths = pd.read_csv(ipath)["path"].tolist()
-        sets[gen] = F.load_pngs(paths, resolution)
-        read += paths
+        index = pd.read_csv(ipath)
+        sets[gen] = F.load_pngs(index["path"].tolist(), resolution)
+        labels[gen] = index["target_label"].to_numpy(int)
+        read += index["path"].tolist()
     if cfg["reference_train"]:
-        train, _ = load_pack(pack, pack_index, split, "train")
+        train, train_index = load_pack(pack, pack_index, split, "train")
         if len(train) >= 2:
             sets["real train (reference)"] = F.resize_uint8(train, resolution)
+            labels["real train (reference)"] = train_index["label"].to_numpy(int)
+    matched = cfg["reference"] == "class_matched"
     if status.get("available"):
         import pytorch_fid
 
@@ -204,13 +208,14 @@ def make_realism(status_path, index_paths: dict, pack, pack_index, split, spec_p
         note = "FID absent: " + status.get("reason", "FID-Inception weights unavailable")
     table = F.realism_table(real, sets, extract, mode=mode, n=cfg["n"], seed=seed, kid_subsets=cfg["kid_subsets"],
                             kid_subset_size=cfg["kid_subset_size"], resolution=resolution, implementation=impl,
-                            note=note)
+                            note=note, real_labels=real_index["label"].to_numpy(int) if matched else None,
+                            set_labels=labels if matched else None)
     write_csv(table, out_csv)
     if out_html:
         from cfaudit.report import table_html
 
         show = table[["set", "metric", "value", "std", "n_real", "n_generated", "feature_dims", "resolution"]]
-        notes = [f"Implementation: {impl}.",
+        notes = [f"Implementation: {impl}.", f"Reference: {table['reference'].iloc[0]}." if len(table) else "",
                  "N is the same for every row (the smallest set, capped at metrics.fid.n); FID-type numbers are "
                  "biased upward at small N and comparable only at the same N. KID: mean ± std over subsets."]
         _write_text(table_html(show, "Realism of counterfactuals vs real eval images", [note] + notes), out_html)

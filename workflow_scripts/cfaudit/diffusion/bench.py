@@ -26,7 +26,7 @@ from cfaudit.diffusion.checkpoint import resolve_precision, tune_backend
 from cfaudit.diffusion.samplers import autocast, make_sampler
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.diffusion.sdedit import sdedit
-from cfaudit.diffusion.training import EMA, _flip
+from cfaudit.diffusion.training import EMA, apply_flips, draw_step
 from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
 
 REPO_CONFIG = Path(__file__).resolve().parents[3] / "config.yaml"
@@ -52,14 +52,12 @@ def bench_training(model, schedule, cfg, image_size, batch_size, steps, warmup, 
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=device)
         x0 = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1)
         x0 = x0.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        x0 = _flip(x0, cfg["flips"], gen)
-        y = torch.where(torch.rand(batch_size, generator=gen, device=device) < cfg["label_dropout"],
-                        torch.full_like(labels[idx], NULL_LABEL), labels[idx])
-        t = schedule.sample_t(batch_size, gen, device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
+        d = draw_step(gen, batch_size, tuple(x0.shape[1:]), cfg, schedule, device)
+        x0 = apply_flips(x0, d)
+        y = torch.where(d.drop, torch.full_like(labels[idx], NULL_LABEL), labels[idx])
         with autocast(device, amp_dtype):
-            pred = model(schedule.q_sample(x0, t, noise), t, y)
-        loss = F.mse_loss(pred.float(), noise)
+            pred = model(schedule.q_sample(x0, d.t, d.noise), d.t, y)
+        loss = F.mse_loss(pred.float(), d.noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pandas as pd
 import torch
@@ -93,16 +93,45 @@ def _lr_at(cfg: dict, epoch: int) -> float:
     return float(cfg["lr"])
 
 
-def _flip(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    if mode == "none":
-        return x
-    n = x.shape[0]
-    h = torch.rand(n, generator=gen, device=x.device) < 0.5
-    x = torch.where(h[:, None, None, None], x.flip(3), x)
-    if mode == "both":
-        v = torch.rand(n, generator=gen, device=x.device) < 0.5
-        x = torch.where(v[:, None, None, None], x.flip(2), x)
+class StepDraws(NamedTuple):
+    """Every random draw of one optimizer step, for the whole (global) batch."""
+
+    hflip: torch.Tensor | None
+    vflip: torch.Tensor | None
+    drop: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+    def part(self, sl: slice) -> "StepDraws":
+        return StepDraws(*(None if v is None else v[sl] for v in self))
+
+
+def draw_step(gen: torch.Generator, n: int, image_shape: tuple, tcfg: dict, schedule: LinearSchedule,
+              device: torch.device) -> StepDraws:
+    """The step's draws in a fixed order (flips, label dropout, timesteps, noise) for all ``n`` images of the global
+    batch: every DDP rank draws the same numbers and takes its own slice, so N processes train exactly like one."""
+    rand = lambda: torch.rand(n, generator=gen, device=device) < 0.5  # noqa: E731
+    hflip = rand() if tcfg["flips"] in ("horizontal", "both") else None
+    vflip = rand() if tcfg["flips"] == "both" else None
+    drop = torch.rand(n, generator=gen, device=device) < float(tcfg["label_dropout"])
+    t = schedule.sample_t(n, gen, device)
+    noise = torch.randn((n, *image_shape), generator=gen, device=device)
+    return StepDraws(hflip, vflip, drop, t, noise)
+
+
+def apply_flips(x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+    if draws.hflip is not None:
+        x = torch.where(draws.hflip[:, None, None, None], x.flip(3), x)
+    if draws.vflip is not None:
+        x = torch.where(draws.vflip[:, None, None, None], x.flip(2), x)
     return x
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[slice, float]:
+    """This rank's contiguous part of a global batch of n, and its loss weight (0 for the stand-in image a rank
+    computes when n < world, so that every rank still joins the gradient all-reduce)."""
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return (slice(lo, hi), 1.0) if hi > lo else (slice(0, 1), 0.0)
 
 
 def _place_data(images, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -125,14 +154,18 @@ def fingerprint(tcfg: dict, spec: dict, seed: int, data_sha: dict, device: torch
 
 def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg: dict, image_size: int, seed: int,
                     device, checkpoint_every: int | None = None, log_every: int | None = None,
-                    on_step: Callable[[int], None] | None = None) -> dict:
+                    on_step: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> dict:
     """Train (or resume) and write the final checkpoint; returns a summary with the loss history.
 
     ``checkpoint_every`` / ``log_every`` default to the config's. ``on_step(step)`` is called after every
     optimizer step (and after any checkpoint of that step); raising in it simulates a kill. Raises
     NonFiniteLossError as soon as a logged loss is NaN/inf, before any checkpoint of the broken weights is written.
+    ``rank``/``world``: this process's place in an initialised torch.distributed group (cfaudit.diffusion.distributed):
+    the model is wrapped in DistributedDataParallel, each rank trains on its slice of every global batch of
+    ``batch_size`` images, and only rank 0 writes files.
     """
     device = torch.device(device)
+    main_rank = rank == 0
     tune_backend(device)
     tcfg = train_config(cfg)
     checkpoint_every = int(cfg.get("checkpoint_every", 0) if checkpoint_every is None else checkpoint_every)
@@ -168,7 +201,7 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
     step, epoch_sum, epoch_n, history = 0, 0.0, 0, []
 
     state_path = Path(state_path)
-    if state_path.exists():
+    if state_path.exists():  # every rank resumes from the same state
         state = load_checkpoint(state_path, map_location=device)
         if state.get("fingerprint") == fp:
             model.load_state_dict(state["model"])
@@ -190,10 +223,19 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
 
     data, on_device = _place_data(images, device)
     ylab = torch.tensor(labels.tolist(), dtype=torch.long, device=device)
+    net = model
+    if world > 1:
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if has_bn and device.type == "cuda":  # batch statistics over the global batch, as on one GPU
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif has_bn and main_rank:
+            log.warning("%s has BatchNorm layers and SyncBatchNorm needs GPUs: on %d CPU processes each normalises "
+                        "over its own part of the batch, so the weights differ from a one-process run", spec["arch"], world)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     log.info("diffusion training: %s, %.2f M parameters, %d px, %d train images (%d malignant), batch %d, %d epochs = %d "
              "steps, T=%d, %s%s, data on %s, device %s", spec["arch"], n_parameters(model) / 1e6, image_size, n,
              int(labels.sum()), bs, epochs, total, schedule.T, precision, ", channels_last" if channels_last else "",
-             device if on_device else "host (pinned)", device)
+             device if on_device else "host (pinned)", device if world == 1 else f"{world} x {device.type} (DDP)")
 
     def state_dict() -> dict:
         return {
@@ -218,6 +260,8 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
         nonlocal run_sum, run_n, epoch_sum, epoch_n, last_logged, t_log
         if run_n == 0:
             return
+        if world > 1:
+            torch.distributed.all_reduce(run_sum)
         s = float(run_sum)
         if not math.isfinite(s):
             raise NonFiniteLossError(
@@ -242,31 +286,35 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
             g["lr"] = lr
         perm = epoch_permutation(seed, epoch, n).to(device if on_device else "cpu")
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            idx = perm[b * bs:(b + 1) * bs]
+            idx_all = perm[b * bs:(b + 1) * bs]
+            n_b = idx_all.shape[0]
+            draws = draw_step(gen, n_b, (3, image_size, image_size), tcfg, schedule, device)
+            sl, weight = rank_slice(n_b, rank, world)
+            idx, draws = idx_all[sl], draws.part(sl)
             batch = data[idx]
             if not on_device:
                 batch = batch.to(device, non_blocking=True)
             x0 = uint8_to_float(batch)
             x0 = x0.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            x0 = _flip(x0, tcfg["flips"], gen)
+            x0 = apply_flips(x0, draws)
             y = ylab[idx.to(ylab.device)]
-            drop = torch.rand(y.shape[0], generator=gen, device=device) < float(tcfg["label_dropout"])
-            y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
-            t = schedule.sample_t(y.shape[0], gen, device)
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            x_t = schedule.q_sample(x0, t, noise)
+            y = torch.where(draws.drop, torch.full_like(y, NULL_LABEL), y)
+            x_t = schedule.q_sample(x0, draws.t, draws.noise)
             with autocast(device, amp_dtype):
-                pred = model(x_t, t, y)
-            loss = F.mse_loss(pred.float(), noise)
+                pred = net(x_t, draws.t, y)
+            # sum of per-image MSEs over this rank's images / global batch: DDP's mean over ranks of world x this
+            # is the gradient of the global batch's mean loss (== F.mse_loss on one process)
+            per_image = (pred.float() - draws.noise).pow(2).flatten(1).mean(1)
+            local_sum = per_image.sum() * weight
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (local_sum * (world / n_b)).backward()
             opt.step()
             if ema is not None:
                 ema.update(model)
             step += 1
-            images_seen += y.shape[0]
-            run_sum += loss.detach() * y.shape[0]
-            run_n += y.shape[0]
+            images_seen += n_b
+            run_sum += local_sum.detach()
+            run_n += n_b
             if (log_every and step % log_every == 0) or b == steps_per_epoch - 1:
                 flush()
             if b == steps_per_epoch - 1:  # epoch done: its row joins the history before any checkpoint of this step
@@ -276,21 +324,22 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
                 epoch_sum, epoch_n, t_epoch = 0.0, 0, time.perf_counter()
             if checkpoint_every and step % checkpoint_every == 0 and step < total:
                 flush()
-                save_checkpoint(state_dict(), state_path)
-                log.info("checkpoint at step %d -> %s", step, state_path)
+                if main_rank:
+                    save_checkpoint(state_dict(), state_path)
+                    log.info("checkpoint at step %d -> %s", step, state_path)
             if on_step is not None:
                 on_step(step)
 
     elapsed = time.perf_counter() - t_train
-    final = state_dict()
-    save_checkpoint(final, checkpoint_out)
-    if state_path.exists():
-        state_path.unlink()
+    if main_rank:
+        save_checkpoint(state_dict(), checkpoint_out)
+        if state_path.exists():
+            state_path.unlink()
     ips = images_seen / elapsed if images_seen else float("nan")
     log.info("trained %d steps (%d this run, %.1f images/s) -> %s", step, step - resumed_from, ips, checkpoint_out)
     return {"history": pd.DataFrame(history, columns=LOSS_COLUMNS), "steps": step, "resumed_from": resumed_from,
             "images_per_s": ips, "precision": precision, "parameters": n_parameters(model), "spec": spec,
-            "fingerprint": fp, "on_device": on_device}
+            "fingerprint": fp, "on_device": on_device, "world_size": world}
 
 
 def write_loss_outputs(history: pd.DataFrame, loss_csv, loss_png, title: str = "") -> None:
@@ -317,14 +366,23 @@ def write_loss_outputs(history: pd.DataFrame, loss_csv, loss_png, title: str = "
 
 
 def run_training(*, pack, pack_index, split, checkpoint_out, loss_csv, loss_png, cfg: dict, image_size: int, seed: int,
-                 device, rule: str = "train_diffusion", on_step=None) -> dict:
-    """Entry point of rule train_diffusion: train/resume, then the loss table + figure, each with provenance."""
+                 device, rule: str = "train_diffusion", on_step=None, world_size: int = 1, threads: int = 1) -> dict:
+    """Entry point of rule train_diffusion: train/resume, then the loss table + figure, each with provenance.
+
+    ``world_size`` > 1 trains with that many DDP processes under torchrun (cfaudit.diffusion.distributed).
+    """
     from cfaudit.provenance import now, write_provenance
 
     started = now()
     state_path = Path(checkpoint_out).with_name("train_state.pt")
-    res = train_diffusion(pack=pack, pack_index=pack_index, split=split, checkpoint_out=checkpoint_out,
-                          state_path=state_path, cfg=cfg, image_size=image_size, seed=seed, device=device, on_step=on_step)
+    kwargs = dict(pack=pack, pack_index=pack_index, split=split, checkpoint_out=checkpoint_out, state_path=state_path,
+                  cfg=cfg, image_size=image_size, seed=seed)
+    if world_size > 1:
+        from cfaudit.diffusion.distributed import launch_training
+
+        res = launch_training(world_size, device=device, threads=threads, **kwargs)
+    else:
+        res = train_diffusion(**kwargs, device=device, on_step=on_step)
     spec = res["spec"]
     title = (f"Diffusion training loss vs epochs\n({spec['arch']}, {res['parameters'] / 1e6:.2f} M parameters, "
              f"{image_size} px, T={cfg['T']})")
@@ -332,7 +390,8 @@ def run_training(*, pack, pack_index, split, checkpoint_out, loss_csv, loss_png,
     slice_ = {"diffusion": train_config(cfg), "image_size": image_size, "seed": seed}
     extra = {"training": {"steps": res["steps"], "resumed_from_step": res["resumed_from"], "precision": res["precision"],
                           "images_per_s_this_run": res["images_per_s"], "parameters": res["parameters"],
-                          "fingerprint": res["fingerprint"], "data_on_device": res["on_device"]}}
+                          "fingerprint": res["fingerprint"], "data_on_device": res["on_device"],
+                          "processes": res["world_size"]}}
     for out in (checkpoint_out, loss_csv, loss_png):
         write_provenance(out, [pack, pack_index, split], slice_, rule, started, extra)
     return res

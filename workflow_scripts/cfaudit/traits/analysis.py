@@ -27,7 +27,7 @@ from cfaudit.traits.control import control_verdict
 from cfaudit.traits.features import (CHANGE_FEATURES, FEATURES, PAIRED_SKIN, FeatureSettings, change_features,
                                      image_features, skin_features, skin_region)
 from cfaudit.traits.segmentation import SegmentationSettings
-from cfaudit.traits.statistics import CHANGE_SHARE, DIRECTION, ranked
+from cfaudit.traits.statistics import CHANGE_SHARE, DIRECTION, VS_RECONSTRUCTION, ranked
 
 log = logging.getLogger("cfaudit.traits")
 ID_COLUMNS = ["image_id", "role", "anchor_id", "anchor_label", "generator", "target_label", "path", "seg_ok", "seg_flags"]
@@ -218,6 +218,32 @@ def _agrees(row, label_stats: pd.DataFrame | None) -> str:
     return "yes" if toward_malignant == want else "no"
 
 
+def reconstruction_markdown(paired: pd.DataFrame, generator: str) -> list[str]:
+    """The artefact-controlled comparison (stratum vs_reconstruction) of one generator, both directions side by side."""
+    rec = paired[(paired["generator"] == generator) & (paired["stratum"] == VS_RECONSTRUCTION)]
+    if not len(rec) or rec["n"].max() == 0:
+        return []
+    cols = {t: rec[rec["target_label"] == t].set_index("feature") for t in (1, 0)}
+    out = ["### Against the same-label reconstruction (regeneration artefacts cancel)", "",
+           "Benign anchors: malignant counterfactual − the generator's benign reconstruction of the same anchor "
+           f"({int(cols[1]['n'].max()) if len(cols[1]) else 0} pairs); malignant anchors: benign counterfactual − "
+           f"malignant reconstruction ({int(cols[0]['n'].max()) if len(cols[0]) else 0} pairs). Same tests, Holm per column.", "",
+           "| feature | → malignant: mean Δ [95% CI] | p_Holm | → benign: mean Δ [95% CI] | p_Holm |", "|---|---|---|---|---|"]
+    order = cols[1].assign(_r=cols[1]["rank_biserial"].abs().fillna(0)).sort_values("_r", ascending=False).index \
+        if len(cols[1]) else cols[0].index
+    for f in order:
+        cells = []
+        for t in (1, 0):
+            if f not in cols[t].index:
+                cells += ["–", "–"]
+                continue
+            r = cols[t].loc[f]
+            star = " **\\***" if r["significant"] else ""
+            cells += [f"{_fmt(r['mean_diff'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]{star}", _fmt(r["p_holm"])]
+        out.append(f"| {DESCRIPTIONS.get(f, f)} (`{f}`) | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def ranked_markdown(paired: pd.DataFrame, label_stats: pd.DataFrame | None, alpha: float, features_table: pd.DataFrame | None = None) -> str:
     """ranked.md: per generator, the malignant and benign counterfactuals' changes ranked by effect size."""
     out = ["# Trait analysis: what the counterfactuals add and remove", "",
@@ -268,6 +294,7 @@ def ranked_markdown(paired: pd.DataFrame, label_stats: pd.DataFrame | None, alph
             down = [f"`{f}`" for f in sig[sig["mean_diff"] < 0]["feature"]]
             out += ["", f"**{DIRECTION[target].capitalize()} counterfactual — more:** {', '.join(up) or 'nothing significant'}; "
                     f"**less:** {', '.join(down) or 'nothing significant'}.", ""]
+        out += reconstruction_markdown(paired, g)
     if label_stats is not None and len(label_stats):
         ls = label_stats.assign(_d=label_stats["cliffs_delta"].abs().fillna(0)).sort_values(["significant", "_d"], ascending=[False, False])
         nb, nm = int(ls["n_benign"].max()), int(ls["n_malignant"].max())

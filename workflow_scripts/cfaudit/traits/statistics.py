@@ -15,6 +15,12 @@ Paired analysis (per generator x target x stratum of anchors, one *family*):
 - percentile bootstrap CI of the mean difference, resampling anchors with replacement, seeded from
   ``seed`` and the family (``family_seed``), the same resamples for every feature of the family.
 
+Stratum ``vs_reconstruction`` (artefact-controlled): anchors of the opposite class only, and the reference is not
+the anchor but the same generator's counterfactual of the same anchor toward its *own* label (same noise and
+settings: a reconstruction). Regenerating an image changes it whatever the label (blur, border roughness); the
+difference counterfactual − reconstruction keeps only what the change of label did. ``anchor_mean`` then holds the
+reconstructions' mean; ``change_inside_share`` (defined against the anchor) is not part of this family.
+
 Unpaired analysis of the originals (malignant vs benign): difference of means (malignant - benign) with a
 bootstrap CI (each class resampled separately), Cliff's delta (= rank-biserial of the Mann-Whitney U),
 Mann-Whitney U two-sided p-values, Holm across features.
@@ -39,6 +45,7 @@ LABEL_COLUMNS = ["stratum", "feature", "n_benign", "n_malignant", "benign_mean",
                  "ci_low", "ci_high", "cliffs_delta", "p_mannwhitney", "p_holm", "significant", "bootstrap_seed",
                  "resamples", "ci_level"]
 STRATA = {"all": None, "benign_anchors": 0, "malignant_anchors": 1}
+VS_RECONSTRUCTION = "vs_reconstruction"
 CHANGE_SHARE = "change_inside_share"
 
 
@@ -120,11 +127,21 @@ def bootstrap_mean_ci(diffs: np.ndarray, rng: np.random.Generator, resamples: in
 
 
 # ---------------------------------------------------------------------------------------------- pairs
-def paired_frame(features: pd.DataFrame, generator: str, target: int, feature_names, require_segmentation: bool) -> pd.DataFrame:
-    """Anchor rows joined to the generator's target counterfactual rows: columns ``<f>_anchor``, ``<f>_cf``."""
-    anchors = features[features["role"] == "anchor"].set_index("anchor_id")
-    cfs = features[(features["role"] == "counterfactual") & (features["generator"] == generator)
-                   & (features["target_label"] == target)].set_index("anchor_id")
+def paired_frame(features: pd.DataFrame, generator: str, target: int, feature_names, require_segmentation: bool,
+                 reference: str = "anchor") -> pd.DataFrame:
+    """Reference rows joined to the generator's target counterfactual rows: columns ``<f>_anchor``, ``<f>_cf``.
+
+    reference ``anchor``: the anchor itself; ``reconstruction``: the generator's counterfactual of the same anchor
+    toward the other label (1 - target), for the anchors of label 1 - target (see the module docstring).
+    """
+    gen_rows = features[(features["role"] == "counterfactual") & (features["generator"] == generator)]
+    if reference == "reconstruction":
+        anchors = gen_rows[(gen_rows["target_label"] == 1 - target) & (gen_rows["anchor_label"] == 1 - target)]
+        anchors = anchors.set_index("anchor_id")
+        feature_names = [f for f in feature_names if f != CHANGE_SHARE]
+    else:
+        anchors = features[features["role"] == "anchor"].set_index("anchor_id")
+    cfs = gen_rows[gen_rows["target_label"] == target].set_index("anchor_id")
     common = anchors.index.intersection(cfs.index)
     a, c = anchors.loc[common], cfs.loc[common]
     out = pd.DataFrame({"anchor_id": common, "anchor_label": a["anchor_label"].to_numpy()})
@@ -133,7 +150,7 @@ def paired_frame(features: pd.DataFrame, generator: str, target: int, feature_na
         if f == CHANGE_SHARE:
             av, cv = a["area"].to_numpy(float), c[CHANGE_SHARE].to_numpy(float)
             ok = a["seg_ok"].astype(bool).to_numpy()
-        elif f in PAIRED_SKIN and f"anchor_{f}" in c:
+        elif f in PAIRED_SKIN and f"anchor_{f}" in c and reference == "anchor":
             # the anchor measured on the same skin ring as the counterfactual (analysis.paired_skin)
             av, cv = c[f"anchor_{f}"].to_numpy(float), c[f].to_numpy(float)
             ok = both_ok
@@ -160,6 +177,10 @@ def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 200
             for stratum, label in strata.items():
                 sub = pairs if label is None else pairs[pairs["anchor_label"] == label]
                 rows += _family_rows(sub, names, generator, target, stratum, seed, resamples, ci_level, alpha)
+            if by_anchor_label:
+                rec = paired_frame(features, generator, target, names, require_segmentation, "reconstruction")
+                rec_names = [f for f in names if f != CHANGE_SHARE]
+                rows += _family_rows(rec, rec_names, generator, target, VS_RECONSTRUCTION, seed, resamples, ci_level, alpha)
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 

@@ -1,0 +1,450 @@
+"""The project's performance benchmark: every figure of the performance targets in one run, printed and appended
+to BENCHMARKS.md with the device, precision, batch size, model size, date and code version.
+
+    python -m cfaudit.benchmark                  # the GPU figures on a GPU (CPU-sized stand-ins without one)
+    python -m cfaudit.benchmark --demo           # + the embedded demo end to end (wall time, peak memory, per rule)
+    python -m cfaudit.benchmark --rules benchmarks   # + the per-rule table of a finished run's benchmark: files
+    python -m cfaudit.benchmark --quick          # smoke sizes: checks that every figure is produced (the test)
+
+Figures (random weights and data: speed does not depend on them):
+  peak            a large matmul (bf16 on a GPU, fp32 on the CPU): the measured hardware limit MFU is taken against
+  train_*         the seed's ContextUnet at 256 px (n_feat 128): plain fp32 eager at the seed's batch 8 (the
+                  baseline), bf16 + channels_last at batch 64, and the same under torch.compile; the library UNet
+                  (64 M parameters); model FLOPs per image counted by torch's FlopCounterMode, training = 3 x forward
+  data_path       the share of a training step spent on the data path (index the uint8 pack on the device, convert,
+                  flip, draw noise): 1 - share is the upper bound on GPU starvation by data
+  cf_*            SDEdit counterfactuals (both targets, CFG) with the fast sampler and the seed's 320-step ancestral path
+  score / fid     DeepDerm (Inception-v3) scoring and pytorch-fid feature extraction at 299, PNG decode + resize included
+  demo            `snakemake --cores 2` of the embedded default in a fresh directory: wall time, peak resident memory
+                  of the whole process tree, and the per-rule table of its benchmark: files
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_FILE = REPO / "BENCHMARKS.md"
+# Targets of the performance issue (GPU figures) and of the CPU demo.
+TARGETS = {"train_seed_best": ">= 460 img/s (40 % of bf16 peak)", "train_unet64m": "> 158 img/s",
+           "cf_fast": ">= 20 anchors/s", "score": ">= 3000 img/s", "fid_features": ">= 3000 img/s",
+           "demo_wall": "<= 600 s", "demo_peak_rss": "<= 4096 MB"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """Best wall seconds of ``fn()`` over ``repeats`` (after one untimed call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measured_peak_flops(device: torch.device, quick: bool) -> tuple[float, str]:
+    """FLOP/s of a square matmul (8192 bf16 on a GPU; 2048 fp32 on the CPU, 256 with --quick)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else (256 if quick else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else (3 if quick else 8)
+    sec = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * n**3 * reps / sec, f"{n}^3 {str(dtype).removeprefix('torch.')} matmul"
+
+
+def forward_flops(model, x, t, y) -> int:
+    """Model FLOPs of one forward pass (FlopCounterMode: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return int(counter.get_total_flops())
+
+
+def bench_train(arch_cfg: dict, image_size: int, batch: int, precision: str, compile_: bool, steps: int,
+                device: torch.device, peak: float) -> dict:
+    """Training img/s of one model setting (cfaudit.diffusion.bench.bench_training: the rule's step), FLOPs, MFU."""
+    from cfaudit.config import validate_config
+    from cfaudit.diffusion.bench import bench_training
+    from cfaudit.diffusion.checkpoint import resolve_precision, tune_backend
+    from cfaudit.diffusion.schedule import LinearSchedule
+    from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
+
+    cfg = validate_config({"diffusion": {**arch_cfg, "precision": precision, "channels_last": precision == "bf16",
+                                         "ema_decay": 0.0, "batch_size": batch}})["diffusion"]
+    tune_backend(device)
+    _, amp = resolve_precision(precision, device)
+    torch.manual_seed(0)
+    model = model_from_spec(model_spec(cfg, image_size)).to(device)
+    if cfg["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    probe = (torch.zeros(1, 3, image_size, image_size, device=device), torch.tensor([1], device=device),
+             torch.tensor([NULL_LABEL], device=device))
+    fwd = forward_flops(model, *probe)
+    runner = torch.compile(model) if compile_ else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_compile = time.perf_counter()
+    ips = bench_training(runner, LinearSchedule.from_config(cfg), cfg, image_size, batch, steps, 3 if compile_ else 2,
+                         device, amp, cfg["channels_last"])
+    out = {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": image_size, "batch": batch,
+           "precision": precision + (", channels_last" if cfg["channels_last"] else "") + (", compile" if compile_ else ""),
+           "value": round(ips, 2), "unit": "img/s", "gflops_fwd_per_img": round(fwd / 1e9, 2), "flops_fwd_per_img": fwd,
+           "mfu": round(ips * 3 * fwd / peak, 5)}
+    if compile_:
+        out["note"] = f"incl. warm-up/compile {time.perf_counter() - t_compile:.0f} s"
+    if device.type == "cuda":
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    return out
+
+
+def data_path_share(image_size: int, batch: int, n_pack: int, device: torch.device, step_seconds: float) -> float:
+    """Seconds of the training data path per step (pack indexing, uint8 -> float, flips, all random draws) over a
+    whole step's seconds."""
+    from cfaudit.config import validate_config
+    from cfaudit.data.pack import uint8_to_float
+    from cfaudit.diffusion.schedule import LinearSchedule
+    from cfaudit.diffusion.training import apply_flips, draw_step
+
+    cfg = validate_config({"diffusion": {"flips": "both", "label_dropout": 0.1}})["diffusion"]
+    schedule = LinearSchedule.from_config(cfg)
+    data = torch.randint(0, 256, (n_pack, image_size, image_size, 3), dtype=torch.uint8, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    perm = torch.randperm(n_pack, device=device)
+
+    def one():
+        idx = perm[:batch]
+        d = draw_step(gen, batch, (3, image_size, image_size), cfg, schedule, device)
+        x = apply_flips(uint8_to_float(data[idx]).contiguous(memory_format=torch.channels_last), d)
+        schedule.q_sample(x, d.t, d.noise)
+
+    sec = timed(lambda: [one() for _ in range(10)], device) / 10
+    return sec / step_seconds
+
+
+def bench_cf(arch_cfg: dict, image_size: int, n_anchors: int, sampler: str, steps: int, strength: float, precision: str,
+             device: torch.device) -> dict:
+    """SDEdit counterfactual anchors/s (both targets, CFG w=10): the rule's sdedit() on random weights."""
+    from cfaudit.config import validate_config
+    from cfaudit.diffusion.checkpoint import resolve_precision
+    from cfaudit.diffusion.samplers import make_sampler
+    from cfaudit.diffusion.schedule import LinearSchedule
+    from cfaudit.diffusion.sdedit import sdedit
+    from cfaudit.models import model_from_spec, model_spec, n_parameters
+
+    cfg = validate_config({"diffusion": dict(arch_cfg)})["diffusion"]
+    schedule = LinearSchedule.from_config(cfg)
+    _, amp = resolve_precision(precision, device)
+    cl = precision == "bf16"
+    torch.manual_seed(0)
+    model = model_from_spec(model_spec(cfg, image_size)).to(device).eval()
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    x0 = torch.rand(n_anchors, 3, image_size, image_size, device=device) * 2 - 1
+    n_steps = len(make_sampler(sampler, schedule, steps).timesteps(schedule.t_start(strength)))
+    sec = timed(lambda: sdedit(model, schedule, x0, list(range(n_anchors)), strength=strength, guidance=10.0,
+                               sampler=sampler, steps=steps, amp_dtype=amp, channels_last=cl), device)
+    return {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": image_size, "batch": n_anchors,
+            "precision": precision, "value": round(n_anchors / sec, 3), "unit": "anchors/s",
+            "note": f"{sampler} {n_steps} steps from s={strength}, 2 targets x 2 CFG branches; {sec / n_anchors:.3f} s/anchor"}
+
+
+def bench_score(kind: str, n: int, batch: int, device: torch.device, workers: int, images_dir: str) -> dict:
+    """Images/s at 299 from PNG files: DeepDerm scoring (cfaudit.scoring.score_paths) or pytorch-fid features."""
+    from cfaudit.scoring import benchmark as score_benchmark
+
+    bf16 = device.type == "cuda"
+    if kind == "score":
+        r = score_benchmark(n, 256, "deepderm", batch, str(device), workers, "torch" if bf16 else "pil", images_dir,
+                            bf16, repeats=2)
+        from cfaudit.classifiers import build_deepderm
+        from cfaudit.models import n_parameters
+
+        return {"params_m": round(n_parameters(build_deepderm()) / 1e6, 2), "image_size": 299, "batch": batch, "precision": "bf16" if bf16 else "fp32",
+                "value": r["images_per_s"], "unit": "img/s", "note": f"DeepDerm Inception-v3, {r['backend']} resize, "
+                f"{workers} decode threads"}
+    return fid_feature_benchmark(n, batch, device, workers, images_dir)
+
+
+def fid_feature_benchmark(n: int, batch: int, device: torch.device, workers: int, images_dir: str) -> dict:
+    """pytorch-fid's InceptionV3 (pool3, seeded random weights in its real layout) on decoded PNGs."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    from cfaudit.fid import fid_inception, random_fid_inception_state_dict, weights_target
+    from cfaudit.models import n_parameters
+
+    with tempfile.TemporaryDirectory() as home:
+        target = weights_target(home)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(random_fid_inception_state_dict(0), target)
+        model = fid_inception(home, 2048, device)
+    bf16 = device.type == "cuda"
+    paths = _png_paths(n, images_dir)
+
+    def load(p):
+        return np.asarray(Image.open(p).convert("RGB"))
+
+    def run():
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for s in range(0, n, batch):
+                arr = np.stack(list(pool.map(load, paths[s:s + batch])))
+                x = torch.from_numpy(arr).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    model(x)  # resize_input: bilinear to 299 inside pytorch-fid's model
+
+    sec = timed(run, device)
+    return {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": 299, "batch": batch, "precision": "bf16" if bf16 else "fp32",
+            "value": round(n / sec, 2), "unit": "img/s", "note": f"pytorch-fid InceptionV3 pool3, {workers} decode threads"}
+
+
+_PNG_CACHE: dict = {}
+
+
+def _png_paths(n: int, images_dir: str) -> list[str]:
+    """``n`` PNG/JPEG paths: real files from images_dir (cycled) or synthetic 256 px PNGs in a temporary folder."""
+    if images_dir:
+        files = sorted(str(p) for p in Path(images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise FileNotFoundError(f"no .png/.jpg images in {images_dir}")
+        return [files[i % len(files)] for i in range(n)]
+    if n not in _PNG_CACHE:
+        import numpy as np
+        from PIL import Image
+
+        tmp = Path(tempfile.mkdtemp(prefix="cfaudit-bench-"))
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        paths = []
+        for i in range(n):
+            img = Image.fromarray(np.roll(base, i, axis=0)).resize((256, 256), Image.BILINEAR)
+            paths.append(str(tmp / f"b{i:05d}.png"))
+            img.save(paths[-1])
+        _PNG_CACHE[n] = paths
+    return _PNG_CACHE[n]
+
+
+# ------------------------------------------------------------------------------------------- demo + per-rule table
+
+def tree_rss_mb(root_pid: int) -> float:
+    """Resident memory (MB) of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        rss[int(entry.name)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / 1024
+
+
+def run_demo(cores: int, snakemake: str) -> tuple[dict, pd.DataFrame]:
+    """The embedded default (this repo's config.yaml) in a fresh working directory: wall seconds, peak RSS, rules."""
+    with tempfile.TemporaryDirectory(prefix="cfaudit-demo-") as work:
+        cmd = [snakemake, "--snakefile", str(REPO / "Snakefile"), "--configfile", str(REPO / "config.yaml"),
+               "--directory", work, "--cores", str(cores), "--workflow-profile", "none", "--quiet", "rules"]
+        peak = [0.0]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+                done.wait(0.5)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        log, _ = proc.communicate()
+        wall = time.perf_counter() - t0
+        done.set()
+        th.join()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the demo run failed (exit {proc.returncode}):\n{log[-4000:]}")
+        rules = rule_table(Path(work) / "benchmarks")
+    return {"value": round(wall, 1), "unit": "s", "peak_rss_mb": round(peak[0]), "cores": cores}, rules
+
+
+def rule_table(bench_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per rule from Snakemake's `benchmark:` TSVs (shards summed): wall s, CPU s, max RSS MB, jobs."""
+    rows = []
+    for f in sorted(Path(bench_dir).rglob("*.tsv")):
+        t = pd.read_csv(f, sep="\t")
+        rule = re.sub(r"_\d+$", "", f.stem)  # shard jobs: <rule>_<shard>.tsv
+        rows.append({"rule": rule, "s": float(t["s"].iloc[-1]), "cpu_s": float(t["cpu_time"].iloc[-1]),
+                     "max_rss_mb": float(pd.to_numeric(t["max_rss"], errors="coerce").fillna(0).iloc[-1])})
+    if not rows:
+        raise FileNotFoundError(f"no benchmark .tsv files under {bench_dir}: run the pipeline first")
+    df = pd.DataFrame(rows)
+    out = df.groupby("rule", sort=False).agg(jobs=("s", "size"), wall_s=("s", "sum"), cpu_s=("cpu_s", "sum"),
+                                             max_rss_mb=("max_rss_mb", "max")).reset_index()
+    return out.sort_values("wall_s", ascending=False).round(1)
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+def environment(device: torch.device) -> dict:
+    from cfaudit.provenance import code_version
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": name,
+            "torch": torch.__version__, "code": code_version(), "host": platform.node()}
+
+
+def markdown(env: dict, rows: list[dict], rules: pd.DataFrame | None) -> str:
+    lines = [f"## {env['date']} — {env['device']}", "",
+             f"torch {env['torch']}, code {(env['code'].get('commit') or '?')[:12]}{' (dirty)' if env['code'].get('dirty') else ''}, "
+             f"host {env['host']}", "",
+             "| figure | value | unit | target | precision | batch | params (M) | px | GFLOPs fwd/img | MFU | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else ""
+        lines.append(f"| {r['figure']} | {r['value']} | {r['unit']} | {r.get('target', '')} | {r.get('precision', '')} "
+                     f"| {r.get('batch', '')} | {r.get('params_m', '')} | {r.get('image_size', '')} | "
+                     f"{r.get('gflops_fwd_per_img', '')} | {mfu} | {r.get('note', '')} |")
+    if rules is not None:
+        lines += ["", "Per rule (Snakemake `benchmark:` files; shards summed):", "",
+                  "| rule | jobs | wall s | CPU s | max RSS MB |", "|---|---|---|---|---|"]
+        lines += [f"| {r.rule} | {r.jobs} | {r.wall_s} | {r.cpu_s} | {r.max_rss_mb} |" for r in rules.itertuples()]
+    return "\n".join(lines) + "\n\n"
+
+
+def run(a) -> tuple[dict, list[dict], pd.DataFrame | None]:
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gpu, q = device.type == "cuda", a.quick
+    env = environment(device)
+    rows: list[dict] = []
+
+    def add(figure, res):
+        # the GPU targets are stated for an H100/H200 at full size; the demo's for 2 CPU cores
+        if figure in TARGETS and ((gpu and not q) or figure.startswith("demo")):
+            res = {**res, "target": TARGETS[figure]}
+        rows.append({"figure": figure, **res})
+        print(f"{figure:>18}: {res['value']} {res['unit']}  " + ", ".join(f"{k}={v}" for k, v in res.items()
+                                                                          if k not in ("value", "unit")), flush=True)
+
+    print(f"cfaudit benchmark on {env['device']}, torch {env['torch']}, {env['date']}", flush=True)
+    peak, how = measured_peak_flops(device, q)
+    add("peak", {"value": round(peak / 1e12, 3), "unit": "TFLOP/s", "flop_per_s": peak, "note": how})
+    # the seed's ContextUnet (n_feat 128, 256 px) on a GPU; a CPU-sized stand-in (n_feat 32, 64 px) otherwise
+    seed = {"model": "contextunet", "n_feat": 16 if q else (128 if gpu else 32)}
+    px = 32 if q else (256 if gpu else 64)
+    steps = 2 if q else (20 if gpu else 3)
+    if not a.skip_train:
+        base = bench_train(seed, px, 2 if q else 8, "fp32", False, steps, device, peak)
+        add("train_seed_fp32", base)
+        fast = [bench_train(seed, px, 4 if q else (64 if gpu else 16), "bf16" if gpu else "fp32", False, steps, device, peak)]
+        if gpu and not a.no_compile:
+            fast.append(bench_train(seed, px, 64, "bf16", True, steps, device, peak))
+        best = max(fast, key=lambda r: r["value"])
+        for r in fast:
+            add("train_seed_" + ("compiled" if "compile" in r["precision"] else "fast"), r)
+        add("train_seed_best", {**best, "note": f"{best['value'] / base['value']:.2f} x the plain fp32 eager loop at batch {base['batch']}"})
+        # presets/strong.yaml's UNet2DModel (65 M parameters; facts §8's 64 M library model)
+        unet = {"model": "unet2d", "unet_channels": [8, 8, 16] if q else [64, 128, 256, 384, 384],
+                "unet_attention": [False, False, True] if q else [False, False, False, True, True],
+                "unet_norm_groups": 4 if q else 32, "unet_layers_per_block": 1 if q else 2}
+        add("train_unet64m", bench_train(unet, px, 2 if q else (64 if gpu else 4), "bf16" if gpu else "fp32",
+                                         gpu and not a.no_compile, steps, device, peak))
+        share = data_path_share(px, best["batch"], 64 if q else 2048, device, best["batch"] / best["value"])
+        add("data_path", {"value": round(100 * share, 2), "unit": "% of step", "batch": best["batch"], "image_size": px,
+                          "note": f"{'GPU' if gpu else 'CPU'} computing >= {100 * (1 - share):.1f} % of a step "
+                                  f"(uint8 pack on the {device.type})"})
+    if not a.skip_cf:
+        n = 2 if q else (64 if gpu else 2)
+        add("cf_fast", bench_cf(seed, px, n, "dpmsolver", 20 if not q else 3, 0.8, "bf16" if gpu else "fp32", device))
+        add("cf_seed_ddpm320", bench_cf(seed, px, 2 if q else (8 if gpu else 1), "ddpm", 0, 0.8 if not q else 0.02,
+                                        "fp32", device))
+    if not a.skip_score:
+        n = 8 if q else (8192 if gpu else 64)
+        bs = 4 if q else (256 if gpu else 32)
+        workers = min(16, os.cpu_count() or 1)
+        add("score", bench_score("score", n, bs, device, workers, a.images))
+        add("fid_features", bench_score("fid", n, bs, device, workers, a.images))
+    rules = None
+    if a.demo:
+        demo, rules = run_demo(a.cores, a.snakemake)
+        add("demo_wall", {"value": demo["value"], "unit": "s", "note": f"snakemake --cores {a.cores}, fresh directory"})
+        add("demo_peak_rss", {"value": demo["peak_rss_mb"], "unit": "MB", "note": "whole process tree, sampled 2/s"})
+    elif a.rules:
+        rules = rule_table(a.rules)
+    if rules is not None:
+        print(rules.to_string(index=False))
+    return env, rows, rules
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m cfaudit.benchmark", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes (seconds on a CPU)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-cf", action="store_true")
+    ap.add_argument("--skip-score", action="store_true")
+    ap.add_argument("--images", default="", help="real PNG/JPEG folder for the 299 px figures (default: synthetic PNGs)")
+    ap.add_argument("--demo", action="store_true", help="also run the embedded demo end to end (minutes)")
+    ap.add_argument("--cores", type=int, default=2, help="--cores of the demo run")
+    beside = Path(sys.executable).parent / "snakemake"  # the venv's, also when its bin/ is not on PATH
+    ap.add_argument("--snakemake", default=str(beside) if beside.exists() else (shutil.which("snakemake") or "snakemake"),
+                    help="snakemake executable")
+    ap.add_argument("--rules", default="", help="summarise the benchmark: files of a finished run in this folder")
+    ap.add_argument("--results", default=str(RESULTS_FILE), help="markdown file the figures are appended to")
+    ap.add_argument("--json", default="", help="also write the figures as JSON here")
+    ap.add_argument("--no-append", action="store_true")
+    a = ap.parse_args(argv)
+    env, rows, rules = run(a)
+    if not a.no_append:
+        path = Path(a.results)
+        if not path.exists():
+            path.write_text("# Benchmark results\n\nAppended by `python -m cfaudit.benchmark` (see README, Performance).\n\n")
+        with path.open("a") as fh:
+            fh.write(markdown(env, rows, rules))
+        print(f"appended to {path}")
+    out = {"environment": env, "figures": rows, "rules": None if rules is None else rules.to_dict(orient="records")}
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
