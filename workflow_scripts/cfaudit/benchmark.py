@@ -35,8 +35,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+
+from cfaudit.diffusion.bench import sync_device
+from cfaudit.scoring import benchmark_paths
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_FILE = REPO / "BENCHMARKS.md"
@@ -46,20 +50,15 @@ TARGETS = {"train_seed_best": ">= 460 img/s (40 % of bf16 peak)", "train_unet64m
            "demo_wall": "<= 600 s", "demo_peak_rss": "<= 4096 MB"}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, repeats: int = 1) -> float:
     """Best wall seconds of ``fn()`` over ``repeats`` (after one untimed call)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -172,31 +171,26 @@ def bench_cf(arch_cfg: dict, image_size: int, n_anchors: int, sampler: str, step
             "note": f"{sampler} {n_steps} steps from s={strength}, 2 targets x 2 CFG branches; {sec / n_anchors:.3f} s/anchor"}
 
 
-def bench_score(kind: str, n: int, batch: int, device: torch.device, workers: int, images_dir: str) -> dict:
-    """Images/s at 299 from PNG files: DeepDerm scoring (cfaudit.scoring.score_paths) or pytorch-fid features."""
+def bench_score(paths: list[str], batch: int, device: torch.device, workers: int) -> dict:
+    """Images/s of DeepDerm scoring at 299 (cfaudit.scoring.benchmark: decode + resize + forward) on ``paths``."""
+    from cfaudit.classifiers import build_deepderm
+    from cfaudit.models import n_parameters
     from cfaudit.scoring import benchmark as score_benchmark
 
     bf16 = device.type == "cuda"
-    if kind == "score":
-        r = score_benchmark(n, 256, "deepderm", batch, str(device), workers, "torch" if bf16 else "pil", images_dir,
-                            bf16, repeats=2)
-        from cfaudit.classifiers import build_deepderm
-        from cfaudit.models import n_parameters
-
-        return {"params_m": round(n_parameters(build_deepderm()) / 1e6, 2), "image_size": 299, "batch": batch, "precision": "bf16" if bf16 else "fp32",
-                "value": r["images_per_s"], "unit": "img/s", "note": f"DeepDerm Inception-v3, {r['backend']} resize, "
-                f"{workers} decode threads"}
-    return fid_feature_benchmark(n, batch, device, workers, images_dir)
+    r = score_benchmark(len(paths), 256, "deepderm", batch, str(device), workers, "torch" if bf16 else "pil",
+                        str(Path(paths[0]).parent), bf16, repeats=2)
+    return {"params_m": round(n_parameters(build_deepderm()) / 1e6, 2), "image_size": 299, "batch": batch,
+            "precision": "bf16" if bf16 else "fp32", "value": r["images_per_s"], "unit": "img/s",
+            "note": f"DeepDerm Inception-v3, {r['backend']} resize, {workers} decode threads"}
 
 
-def fid_feature_benchmark(n: int, batch: int, device: torch.device, workers: int, images_dir: str) -> dict:
-    """pytorch-fid's InceptionV3 (pool3, seeded random weights in its real layout) on decoded PNGs."""
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
-    from PIL import Image
-
+def bench_fid_features(paths: list[str], batch: int, device: torch.device, workers: int) -> dict:
+    """pytorch-fid's InceptionV3 (pool3, seeded random weights in its real layout) on decoded images: the same
+    decode-ahead batching as scoring (cfaudit.scoring.decode_ahead), the resize to 299 inside pytorch-fid's model."""
     from cfaudit.fid import fid_inception, random_fid_inception_state_dict, weights_target
     from cfaudit.models import n_parameters
+    from cfaudit.scoring import decode_ahead, load_raw
 
     with tempfile.TemporaryDirectory() as home:
         target = weights_target(home)
@@ -204,48 +198,17 @@ def fid_feature_benchmark(n: int, batch: int, device: torch.device, workers: int
         torch.save(random_fid_inception_state_dict(0), target)
         model = fid_inception(home, 2048, device)
     bf16 = device.type == "cuda"
-    paths = _png_paths(n, images_dir)
-
-    def load(p):
-        return np.asarray(Image.open(p).convert("RGB"))
 
     def run():
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for s in range(0, n, batch):
-                arr = np.stack(list(pool.map(load, paths[s:s + batch])))
-                x = torch.from_numpy(arr).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    model(x)  # resize_input: bilinear to 299 inside pytorch-fid's model
+        for _, arrays in decode_ahead(paths, batch, load_raw, workers):
+            x = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                model(x)
 
     sec = timed(run, device)
-    return {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": 299, "batch": batch, "precision": "bf16" if bf16 else "fp32",
-            "value": round(n / sec, 2), "unit": "img/s", "note": f"pytorch-fid InceptionV3 pool3, {workers} decode threads"}
-
-
-_PNG_CACHE: dict = {}
-
-
-def _png_paths(n: int, images_dir: str) -> list[str]:
-    """``n`` PNG/JPEG paths: real files from images_dir (cycled) or synthetic 256 px PNGs in a temporary folder."""
-    if images_dir:
-        files = sorted(str(p) for p in Path(images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise FileNotFoundError(f"no .png/.jpg images in {images_dir}")
-        return [files[i % len(files)] for i in range(n)]
-    if n not in _PNG_CACHE:
-        import numpy as np
-        from PIL import Image
-
-        tmp = Path(tempfile.mkdtemp(prefix="cfaudit-bench-"))
-        rng = np.random.default_rng(0)
-        base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        paths = []
-        for i in range(n):
-            img = Image.fromarray(np.roll(base, i, axis=0)).resize((256, 256), Image.BILINEAR)
-            paths.append(str(tmp / f"b{i:05d}.png"))
-            img.save(paths[-1])
-        _PNG_CACHE[n] = paths
-    return _PNG_CACHE[n]
+    return {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": 299, "batch": batch,
+            "precision": "bf16" if bf16 else "fp32", "value": round(len(paths) / sec, 2), "unit": "img/s",
+            "note": f"pytorch-fid InceptionV3 pool3, {workers} decode threads"}
 
 
 # ------------------------------------------------------------------------------------------- demo + per-rule table
@@ -398,8 +361,10 @@ def run(a) -> tuple[dict, list[dict], pd.DataFrame | None]:
         n = 8 if q else (8192 if gpu else 64)
         bs = 4 if q else (256 if gpu else 32)
         workers = min(16, os.cpu_count() or 1)
-        add("score", bench_score("score", n, bs, device, workers, a.images))
-        add("fid_features", bench_score("fid", n, bs, device, workers, a.images))
+        with tempfile.TemporaryDirectory(prefix="cfaudit-bench-") as tmp:
+            paths = benchmark_paths(n, 256, a.images, tmp)  # both figures read the same files
+            add("score", bench_score(paths, bs, device, workers))
+            add("fid_features", bench_fid_features(paths, bs, device, workers))
     rules = None
     if a.demo:
         demo, rules = run_demo(a.cores, a.snakemake)

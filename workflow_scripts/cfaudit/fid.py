@@ -191,38 +191,37 @@ def random_fid_inception_state_dict(seed: int) -> dict:
     return net.state_dict()
 
 
-def inception_features(model, images: np.ndarray, batch_size: int = 32, device="cpu") -> np.ndarray:
-    """(N, dims) float64 features of uint8 (N, H, W, 3) images from :func:`fid_inception`."""
+def batched_features(images: np.ndarray, batch_size: int, device, forward, scale: float, offset: float) -> np.ndarray:
+    """(N, D) float64 of ``forward(x)`` over uint8 (N, H, W, 3) images, batch by batch without gradients;
+    x = pixels / scale - offset as float (N, 3, H, W) on ``device`` (channels_last on a GPU)."""
     import torch
-    import torch.nn.functional as F
 
     out = []
     dev = torch.device(device)
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.as_tensor(np.ascontiguousarray(images[i:i + batch_size])).to(dev)
-            x = x.permute(0, 3, 1, 2).float().div(255.0)
+            x = x.permute(0, 3, 1, 2).float().div(scale).sub(offset)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            f = model(x)[0]
-            if f.shape[-1] != 1 or f.shape[-2] != 1:
-                f = F.adaptive_avg_pool2d(f, (1, 1))
-            out.append(f.flatten(1).double().cpu().numpy())
+            out.append(forward(x).flatten(1).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def inception_features(model, images: np.ndarray, batch_size: int = 32, device="cpu") -> np.ndarray:
+    """(N, dims) float64 features of uint8 (N, H, W, 3) images from :func:`fid_inception` ([0, 1] input)."""
+    import torch.nn.functional as F
+
+    def forward(x):
+        f = model(x)[0]
+        return F.adaptive_avg_pool2d(f, (1, 1)) if f.shape[-1] != 1 or f.shape[-2] != 1 else f
+
+    return batched_features(images, batch_size, device, forward, 255.0, 0.0)
 
 
 def classifier_features(clf, images: np.ndarray, batch_size: int = 32, device="cpu") -> np.ndarray:
     """(N, D) penultimate features of the audited classifier (``clf.features`` on [-1, 1] images)."""
-    import torch
-
-    out = []
-    dev = torch.device(device)
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.as_tensor(np.ascontiguousarray(images[i:i + batch_size])).to(dev)
-            x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-            out.append(clf.features(x).flatten(1).double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return batched_features(images, batch_size, device, clf.features, 127.5, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -46,11 +45,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, image_path, index_rows, save_png, shard_anchors
+from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, image_path, index_rows, save_png
 from cfaudit.data.pack import float_to_uint8, uint8_to_float
 from cfaudit.diffusion.samplers import autocast, guided_eps, make_sampler
 from cfaudit.diffusion.schedule import LinearSchedule
-from cfaudit.diffusion.sdedit import AnchorNoise, anchor_seed, read_anchor_pixels
+from cfaudit.diffusion.sdedit import AnchorNoise, anchor_seed, shard_inputs
 from cfaudit.files import write_csv
 from cfaudit.models import NULL_LABEL
 
@@ -318,20 +317,10 @@ def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.Data
     """Write both targets' guided counterfactuals of shard ``shard``; return (index DataFrame rows, seconds)."""
     check_settings(cfg)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.png"):
-        os.remove(stale)
-    mine = shard_anchors(anchors, shard, n_shards)
-    ids = mine["image_id"].astype(str).tolist()
-    labels = mine["label"].astype(int).tolist()
+    ids, labels, pixels = shard_inputs(anchors, shard, n_shards, pack_path, pack_index_path, out_dir,
+                                       meta["spec"]["image_size"])
     settings = guided_settings(cfg, seed, schedule, meta, clf)
     frames = []
-    if not ids:
-        log.warning("shard %d of %d has no anchors (%d anchors in all)", shard, n_shards, len(anchors))
-    pixels = read_anchor_pixels(pack_path, pack_index_path, ids) if ids else None
-    if pixels is not None and pixels.shape[1] != meta["spec"]["image_size"]:
-        raise ValueError(f"the pack holds {pixels.shape[1]} px images but the diffusion checkpoint was trained at "
-                         f"{meta['spec']['image_size']} px; rerun rule train_diffusion (image_size changed?)")
     bs = int(cfg["batch_size"])
     t_begin, done = time.perf_counter(), 0
     for lo in range(0, len(ids), bs):

@@ -99,7 +99,7 @@ def backend_description(clf: AuditedClassifier, backend: str) -> str:
     return f"8-bit file -> [-1,1] -> torch: {clf.preprocessing}"
 
 
-def _batches(paths: list, batch_size: int, load, workers: int):
+def decode_ahead(paths: list, batch_size: int, load, workers: int):
     """Yield (start, list of uint8 arrays) per batch, decoding the next batch while the caller computes."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         starts = list(range(0, len(paths), batch_size))
@@ -127,7 +127,7 @@ def score_paths(clf: AuditedClassifier, paths: list, batch_size: int = 64, backe
             return load_pil_cropped(p, clf.resize_size, clf.input_size)
     else:
         load = load_raw
-    for start, arrays in _batches(list(paths), batch_size, load, workers):
+    for start, arrays in decode_ahead(list(paths), batch_size, load, workers):
         # torch backend: images of different sizes go through the model in same-size groups
         groups: dict[tuple, list[int]] = {}
         for i, a in enumerate(arrays):
@@ -194,6 +194,27 @@ def run_scoring(spec, anchors, pack_index, split, cf_indexes: dict, out_scores, 
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark: python -m cfaudit.scoring --benchmark
 # ----------------------------------------------------------------------------------------------------------
+def benchmark_paths(n: int, image_size: int, images_dir: str, tmp: str) -> list[str]:
+    """``n`` image paths for a throughput benchmark: real JPEG/PNG files from ``images_dir`` (cycled), else smooth
+    synthetic PNGs of ``image_size`` written to the folder ``tmp``."""
+    if images_dir:
+        files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not files:
+            raise FileNotFoundError(f"no .jpg/.png images in {images_dir}")
+        return [str(files[i % len(files)]) for i in range(n)]
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+    paths = []
+    for i in range(n):
+        c = rng.uniform(0, 255, 3)
+        img = np.clip(c[None, None] * (0.6 + 0.4 * np.sin(6 * xx + i)[..., None] * np.cos(5 * yy)[..., None])
+                      + rng.normal(0, 8, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
+        p = os.path.join(tmp, f"b{i:05d}.png")
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
 def benchmark(n: int = 128, image_size: int = 256, arch: str = "deepderm", batch_size: int = 32, device: str = "cpu",
               workers: int = 2, backend: str = "pil", images_dir: str = "", bf16: bool = False, repeats: int = 1) -> dict:
     """Images/s of :func:`score_paths` (decode + resize + forward) with a randomly initialised classifier.
@@ -217,22 +238,7 @@ def benchmark(n: int = 128, image_size: int = 256, arch: str = "deepderm", batch
     if dev.type == "cuda":
         clf = clf.to(memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
-        if images_dir:
-            files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-            if not files:
-                raise FileNotFoundError(f"no .jpg/.png images in {images_dir}")
-            paths = [str(files[i % len(files)]) for i in range(n)]
-        else:
-            rng = np.random.default_rng(0)
-            yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
-            paths = []
-            for i in range(n):
-                c = rng.uniform(0, 255, 3)
-                img = np.clip(c[None, None] * (0.6 + 0.4 * np.sin(6 * xx + i)[..., None] * np.cos(5 * yy)[..., None])
-                              + rng.normal(0, 8, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
-                p = os.path.join(tmp, f"b{i:05d}.png")
-                Image.fromarray(img).save(p)
-                paths.append(p)
+        paths = benchmark_paths(n, image_size, images_dir, tmp)
         score_paths(clf, paths[:batch_size], batch_size, backend, workers, bf16)  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize()

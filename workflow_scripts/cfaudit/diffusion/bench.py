@@ -32,7 +32,7 @@ from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
 REPO_CONFIG = Path(__file__).resolve().parents[3] / "config.yaml"
 
 
-def _sync(device: torch.device):
+def sync_device(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -47,7 +47,7 @@ def bench_training(model, schedule, cfg, image_size, batch_size, steps, warmup, 
     t0 = None
     for i in range(warmup + steps):
         if i == warmup:
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=device)
         x0 = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -63,7 +63,7 @@ def bench_training(model, schedule, cfg, image_size, batch_size, steps, warmup, 
         opt.step()
         if ema is not None:
             ema.update(model)
-    _sync(device)
+    sync_device(device)
     return steps * batch_size / (time.perf_counter() - t0)
 
 
@@ -74,11 +74,11 @@ def bench_counterfactuals(model, schedule, cf, image_size, batch_size, batches, 
     kw = dict(strength=cf["strength"], guidance=cf["guidance"], sampler=cf["sampler"], steps=cf["steps"],
               amp_dtype=amp_dtype, channels_last=channels_last)
     sdedit(model, schedule, x0[:1], seeds[:1], **{**kw, "strength": min(cf["strength"], 2 / schedule.T)})  # warm-up
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     for _ in range(batches):
         sdedit(model, schedule, x0, seeds, **kw)
-    _sync(device)
+    sync_device(device)
     return batches * batch_size / (time.perf_counter() - t0)
 
 

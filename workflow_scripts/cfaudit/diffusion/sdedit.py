@@ -76,6 +76,28 @@ def read_anchor_pixels(pack_path, pack_index_path, anchor_ids) -> np.ndarray:
     return np.ascontiguousarray(pack[[row_of[a] for a in anchor_ids]])
 
 
+def shard_inputs(anchors: pd.DataFrame, shard: int, n_shards: int, pack_path, pack_index_path, out_dir,
+                 image_size: int) -> tuple[list[str], list[int], np.ndarray | None]:
+    """Anchor ids, labels and uint8 pixels of shard ``shard`` (None when it has no anchors), with ``out_dir`` created
+    and emptied of PNGs (a rerun with other anchors must not leave old images behind); the pack's image size must
+    be the diffusion model's."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.png"):
+        os.remove(stale)
+    mine = shard_anchors(anchors, shard, n_shards)
+    ids = mine["image_id"].astype(str).tolist()
+    labels = mine["label"].astype(int).tolist()
+    if not ids:
+        log.warning("shard %d of %d has no anchors (%d anchors in all)", shard, n_shards, len(anchors))
+        return ids, labels, None
+    pixels = read_anchor_pixels(pack_path, pack_index_path, ids)
+    if pixels.shape[1] != image_size:
+        raise ValueError(f"the pack holds {pixels.shape[1]} px images but the diffusion checkpoint was trained at "
+                         f"{image_size} px; rerun rule train_diffusion (image_size changed?)")
+    return ids, labels, pixels
+
+
 def counterfactual_settings(cf: dict, seed: int, schedule: LinearSchedule, meta: dict) -> dict:
     """What made the images, recorded in the index ``settings`` column."""
     steps = len(make_sampler(cf["sampler"], schedule, cf["steps"]).timesteps(schedule.t_start(cf["strength"])))
@@ -91,20 +113,10 @@ def run_shard(model, schedule: LinearSchedule, meta: dict, anchors: pd.DataFrame
               shard: int, n_shards: int, cf: dict, seed: int, device, amp_dtype=None, channels_last: bool = False):
     """Write both targets' counterfactual PNGs for shard ``shard`` of ``anchors``; return (index rows, seconds generating)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.png"):  # a rerun with other anchors must not leave old images behind
-        os.remove(stale)
-    mine = shard_anchors(anchors, shard, n_shards)
-    ids = mine["image_id"].astype(str).tolist()
-    labels = mine["label"].astype(int).tolist()
+    ids, labels, pixels = shard_inputs(anchors, shard, n_shards, pack_path, pack_index_path, out_dir,
+                                       meta["spec"]["image_size"])
     settings = counterfactual_settings(cf, seed, schedule, meta)
     rows = {t: [] for t in TARGETS}
-    if not ids:
-        log.warning("shard %d of %d has no anchors (%d anchors in all)", shard, n_shards, len(anchors))
-    pixels = read_anchor_pixels(pack_path, pack_index_path, ids) if ids else None
-    if pixels is not None and pixels.shape[1] != meta["spec"]["image_size"]:
-        raise ValueError(f"the pack holds {pixels.shape[1]} px images but the diffusion checkpoint was trained at "
-                         f"{meta['spec']['image_size']} px; rerun rule train_diffusion (image_size changed?)")
     bs = int(cf["batch_size"])
     t_begin, done = time.perf_counter(), 0
     for lo in range(0, len(ids), bs):

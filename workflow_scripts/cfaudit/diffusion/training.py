@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple
 
 import pandas as pd
 import torch
-from torch.nn import functional as F
 
 from cfaudit.data.pack import load_pack, uint8_to_float
 from cfaudit.diffusion.checkpoint import FORMAT, load_checkpoint, resolve_precision, save_checkpoint, tune_backend
