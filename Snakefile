@@ -30,7 +30,8 @@ include: "rules/diffusion.smk"
 include: "rules/gan.smk"
 include: "rules/guided.smk"
 include: "rules/traits.smk"
-include: "rules/metrics.smk"  # last: it reads other stages' rules and sets the report's front page
+include: "rules/metrics.smk"  # after the stages: it reads their rules and sets the report's front page
+include: "rules/judges.smk"  # oracles, diagnostics, the PGD control; reads the metrics rules
 
 
 rule all:

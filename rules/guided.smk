@@ -5,7 +5,13 @@
 # -> results/counterfactuals/guided/index.csv (scored, paneled and measured like the other generators).
 
 GUIDED_CFG = config["guided"]
-GUIDED_CF = f"{RESULTS}/counterfactuals/guided"
+# guided_noclf (a control of the judges, rules/judges.smk): the same sampler, strength, mask, CFG and noise with
+# the classifier-gradient scale 0, i.e. what the diffusion prior alone does from the same start.
+GUIDED_VARIANTS = {
+    "guided": GUIDED_CFG,
+    "guided_noclf": {**GUIDED_CFG, "scales": [0.0], "max_retries": 0},
+}
+GUIDED_CF = f"{RESULTS}/counterfactuals/{{generator}}"
 GUIDED_SHARDS = list(range(config["counterfactuals"]["shards"]))
 GUIDED_SEED = GUIDED_CFG["seed"] if GUIDED_CFG["seed"] is not None else config["seed"]
 GUIDED_CLASSIFIER_SPEC = f"{RESULTS}/classifier/classifier.json"  # the classifier contract (rules/classifier.smk)
@@ -16,7 +22,7 @@ localrules:
 
 
 rule guided_counterfactuals:
-    """Classifier-guided counterfactuals (both targets) of anchors shard::n_shards: 8-bit PNGs + a shard index with per-image outcomes."""
+    """Classifier-guided (or, as guided_noclf, unguided) counterfactuals (both targets) of anchors shard::n_shards: 8-bit PNGs + a shard index with per-image outcomes."""
     input:
         checkpoint=rules.train_diffusion.output.checkpoint,
         classifier=GUIDED_CLASSIFIER_SPEC,
@@ -27,11 +33,13 @@ rule guided_counterfactuals:
         index=f"{GUIDED_CF}/shard_{{shard}}/index.csv",
     wildcard_constraints:
         shard=r"\d+",
+        generator="guided|guided_noclf",
     params:
+        generator=lambda wc: wc.generator,
         shard=lambda wc: int(wc.shard),
         n_shards=len(GUIDED_SHARDS),
-        out_dir=lambda wc: f"{GUIDED_CF}/shard_{wc.shard}",
-        guided=GUIDED_CFG,
+        out_dir=lambda wc: f"{RESULTS}/counterfactuals/{wc.generator}/shard_{wc.shard}",
+        guided=lambda wc: GUIDED_VARIANTS[wc.generator],
         precision=config["diffusion"]["precision"],
         channels_last=config["diffusion"]["channels_last"],
         seed=GUIDED_SEED,
@@ -42,9 +50,9 @@ rule guided_counterfactuals:
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/guided/guided_counterfactuals_{{shard}}.log",
+        f"{LOGS}/guided/{{generator}}_counterfactuals_{{shard}}.log",
     benchmark:
-        f"{BENCH}/guided_counterfactuals_{{shard}}.tsv"
+        f"{BENCH}/{{generator}}_counterfactuals_{{shard}}.tsv"
     script:
         entry_script("guided_counterfactuals.py")
 
@@ -52,19 +60,21 @@ rule guided_counterfactuals:
 rule gather_guided:
     """One index of every guided counterfactual; fails if any (anchor, target) pair is missing."""
     input:
-        shards=expand(f"{GUIDED_CF}/shard_{{shard}}/index.csv", shard=GUIDED_SHARDS),
+        shards=expand(f"{GUIDED_CF}/shard_{{shard}}/index.csv", shard=GUIDED_SHARDS, allow_missing=True),
         anchors=rules.anchors.output.anchors,
     output:
         index=f"{GUIDED_CF}/index.csv",
+    wildcard_constraints:
+        generator="guided|guided_noclf",
     params:
-        generator="guided",
+        generator=lambda wc: wc.generator,
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/guided/gather_guided.log",
+        f"{LOGS}/guided/gather_{{generator}}.log",
     script:
         entry_script("gather_counterfactuals.py")
 
 
-if "guided" in config["counterfactuals"]["generators"]:
-    ALL_TARGETS.append(rules.gather_guided.output.index)
+ALL_TARGETS.extend(expand(rules.gather_guided.output.index,
+                          generator=[g for g in GUIDED_VARIANTS if g in config["counterfactuals"]["generators"]]))

@@ -21,6 +21,13 @@ MET_LOSS_MODELS = {
     if gens & set(MET_GENERATORS)
 }
 
+# Oracles (rules/judges.smk): independent judges; the first one's features measure realism without FID weights.
+from cfaudit.oracles import check_oracles  # noqa: E402
+
+ORACLES = check_oracles(config)  # refuses an oracle that shares the audited classifier's architecture or seed
+ORACLE_DIR = f"{RESULTS}/oracles"
+REALISM_ORACLE_SPEC = [f"{ORACLE_DIR}/{name}/oracle.json" for name in ORACLES][:1]
+
 # Front page of `snakemake --report`: the git commit and config hash for rules/report/metadata.yaml.
 export_run_identity(config)
 
@@ -52,6 +59,8 @@ rule table1:
         scores=SCORES,
         anchors=rules.anchors.output.anchors,
         spec=CLASSIFIER_SPEC,
+        oracle_scores=[f"{ORACLE_DIR}/{name}/scores.csv" for name in ORACLES],
+        oracle_specs=[f"{ORACLE_DIR}/{name}/oracle.json" for name in ORACLES],
     output:
         csv=f"{METRICS_DIR}/table1.csv",
         md=f"{METRICS_DIR}/table1.md",
@@ -60,6 +69,7 @@ rule table1:
         prov=[prov(f"{METRICS_DIR}/table1.{ext}") for ext in ("csv", "md", "html")],
     params:
         generators=MET_GENERATORS,
+        oracles=list(ORACLES),
         bootstrap=MET["bootstrap"],
         seed=MET_SEED,
     conda:
@@ -95,16 +105,19 @@ rule closeness:
 
 
 rule realism:
-    """FID and KID vs real eval images at one N and resolution, or the classifier-feature FD/KID without FID weights."""
+    """FID and KID vs real non-anchor eval images at one N and resolution, or an oracle's feature FD/KID without FID weights."""
     input:
         status=rules.place_fid_weights.output.status,
         indexes=MET_CF_INDEXES,
         pack=rules.resize.output.pack,
         pack_index=rules.resize.output.index,
         split=rules.split.output.split,
+        anchors=rules.anchors.output.anchors,
         spec=CLASSIFIER_SPEC,
+        feature_spec=REALISM_ORACLE_SPEC,
     output:
         csv=f"{METRICS_DIR}/fid.csv",
+        features=f"{METRICS_DIR}/realism_features.npz",
         html=report(f"{METRICS_DIR}/fid.html", caption="report/fid_table.rst", category="3. Realism and closeness",
                     labels={"table": "realism (FID or classifier-feature FD)"}),
         prov=[prov(f"{METRICS_DIR}/fid.csv"), prov(f"{METRICS_DIR}/fid.html")],

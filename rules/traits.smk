@@ -9,7 +9,10 @@ TRAITS = config["traits"]
 TRAITS_DIR = f"{RESULTS}/traits"
 TRAITS_FIG = f"{RESULTS}/figures"
 TRAITS_CONTROL = TRAITS["positive_control"] and config["dataset"]["source"] == "synthetic"
-TRAITS_GENERATORS = list(config["counterfactuals"]["generators"]) + (["planted_shift"] if TRAITS_CONTROL else [])
+# the judges' controls (pgd, guided_noclf) are not analysed for traits
+TRAITS_GENERATORS = [g for g in config["counterfactuals"]["generators"] if g not in ("pgd", "guided_noclf")] + (
+    ["planted_shift"] if TRAITS_CONTROL else []
+)
 TRAITS_CF_INDEXES = [
     f"{TRAITS_DIR}/planted_shift/index.csv" if g == "planted_shift" else f"{RESULTS}/counterfactuals/{g}/index.csv"
     for g in TRAITS_GENERATORS

@@ -147,6 +147,8 @@ def synthetic_run(tmp_path):
             rows.append({"anchor_id": f"I{i}", "anchor_label": i % 2, "target_label": t, "generator": "gan",
                          "path": str(p), "shard": 0, "settings": "{}"})
     pd.DataFrame(rows).to_csv(tmp_path / "index.csv", index=False)
+    pd.DataFrame({"image_id": [f"I{i}" for i in range(4)], "label": [i % 2 for i in range(4)],
+                  "png": [f"I{i}.png" for i in range(4)]}).to_csv(tmp_path / "anchors.csv", index=False)
     torch.manual_seed(0)
     net = build_arch("resnet18", 2)
     torch.save(net.state_dict(), tmp_path / "clf.pt")
@@ -159,11 +161,11 @@ CFG = {"n": 2048, "dims": 2048, "batch_size": 16, "kid_subsets": 5, "kid_subset_
        "reference_train": True, "reference": "class_matched"}
 
 
-def _run(d, status, **cfg):
+def _run(d, status, feature_spec=None, **cfg):
     (d / "status.json").write_text(json.dumps(status))
     return make_realism(d / "status.json", {"gan": d / "index.csv"}, d / "pack.npy", d / "pack_index.csv",
-                        d / "split.csv", d / "classifier.json", {**CFG, **cfg}, 0, 32, "cpu", d / "torch_home",
-                        d / "fid.csv", d / "fid.html")
+                        d / "split.csv", d / "anchors.csv", d / "classifier.json", feature_spec, {**CFG, **cfg}, 0, 32,
+                        "cpu", d / "torch_home", d / "fid.csv", d / "fid.html", d / "features.npz")
 
 
 def test_realism_falls_back_to_classifier_features_and_says_so(synthetic_run):
@@ -173,8 +175,10 @@ def test_realism_falls_back_to_classifier_features_and_says_so(synthetic_run):
     assert not table["metric"].str.fullmatch("FID|KID").any()
     assert (table["note"].str.contains("FID absent") & table["note"].str.contains("no network")).all()
     assert set(table["set"]) == {"gan", "real train (reference)"}
-    assert (table["n_real"] == 8).all() and (table["n_generated"] == 8).all()  # one common N, recorded
-    assert (table["reference"] == "class-matched: 4 images per class").all()
+    # the reference is the eval split without the 4 anchors: 4 images, 2 per class, so N = 4 for every set
+    assert (table["n_real"] == 4).all() and (table["n_generated"] == 4).all()  # one common N, recorded
+    assert (table["reference"] == "class-matched: 2 images per class").all()
+    assert table["implementation"].str.contains("AUDITED classifier").all()  # no oracle: labelled not independent
     assert table["implementation"].str.contains("toy_resnet18").all()
     assert (table["feature_dims"] == 512).all()  # resnet18's penultimate features
     assert info["mode"] == "classifier" and len(info["read_files"]) == 8
@@ -182,12 +186,38 @@ def test_realism_falls_back_to_classifier_features_and_says_so(synthetic_run):
     assert "FID absent" in html and "classifier-feature FD" in html
 
 
+def test_realism_uses_an_oracle_and_excludes_the_anchors(synthetic_run):
+    from cfaudit.classifiers import build_arch, make_spec, write_spec
+
+    torch.manual_seed(1)
+    torch.save(build_arch("resnet34", 2).state_dict(), synthetic_run / "oracle.pt")
+    write_spec(make_spec("trained", name="oracle_toy", arch="resnet34", weights=synthetic_run / "oracle.pt",
+                         input_size=40), synthetic_run / "oracle.json")
+    table, info = _run(synthetic_run, {"available": False, "reason": "offline"}, synthetic_run / "oracle.json")
+    assert set(table["metric"]) == {"oracle-feature FD", "oracle-feature KID"} and info["mode"] == "oracle"
+    assert table["implementation"].str.contains("oracle oracle_toy").all()
+    assert not table["implementation"].str.contains("toy_resnet18").any()  # never the audited classifier
+    feats = np.load(synthetic_run / "features.npz")
+    assert feats["reference"].shape == (4, 512)  # I4..I7: the non-anchor eval images
+    assert feats["gen:gan"].shape == (8, 512) and list(feats["anchor:gan"][:2]) == ["I0", "I0"]
+    # the saved features are the ones the table's FD was computed from (class-matched N = all 4 here)
+    fd = F.fd_from_features(feats["reference"], feats["gen:gan"][[0, 3, 4, 7]])  # targets 0,1,0,1 -> 2 per class
+    assert np.isfinite(fd) and fd >= 0
+    # non-anchor eval images of one class only: the reference cannot be class-matched, and the error says what to do
+    split = pd.read_csv(synthetic_run / "split.csv")
+    split.loc[split["image_id"].isin(["I5", "I7"]), "label"] = 0
+    split.to_csv(synthetic_run / "split.csv", index=False)
+    with pytest.raises(ValueError, match="lower split.max_anchors"):
+        _run(synthetic_run, {"available": False, "reason": "offline"}, synthetic_run / "oracle.json")
+
+
 def test_realism_uses_pytorch_fid_when_weights_are_placed(synthetic_run, staged_weights):
     torch.set_num_threads(1)
     status = F.place_weights(synthetic_run / "torch_home", str(staged_weights), "", check_hash=False)
     table, info = _run(synthetic_run, status, n=5, dims=192, reference="eval")  # small N, early block: quick
     assert set(table["metric"]) == {"FID", "KID"} and info["mode"] == "fid"
-    assert (table["n_real"] == 5).all() and (table["feature_dims"] == 192).all()
+    # N = min(n=5, the 4 non-anchor eval images, each set): the anchors never enter the reference
+    assert (table["n_real"] == 4).all() and (table["feature_dims"] == 192).all()
     assert table["implementation"].str.contains("pytorch-fid").all()
     assert table["note"].str.contains("NOT pytorch-fid's release").all()  # the random weights are flagged
     fid = table[table.metric == "FID"].set_index("set")["value"]

@@ -97,7 +97,8 @@ def test_figure_sidecars_list_the_checksums_of_their_real_inputs(tmp_path):
     ups = write_upstream(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"counterfactuals": {"generators": ["gan", "diffusion"]},
-                                   "metrics": {"bootstrap": {"resamples": 30}, "figures": {"dpi": 60}}}))
+                                   "metrics": {"bootstrap": {"resamples": 30}, "figures": {"dpi": 60},
+                                               "oracles": {"models": []}}}))
     targets = ["results/figures/pr_gan.png", "results/figures/score_histograms.png", "results/metrics/table1.csv"]
     snakemake(tmp_path, cfg, targets, "--allowed-rules", "curve_figures", "score_histograms", "table1")
     for fig, rule in (("pr_gan.png", "curve_figures"), ("roc_gan.png", "curve_figures"),
@@ -130,7 +131,7 @@ TINY = {
 }
 TARGETS = ["results/metrics/table1.csv", "results/metrics/closeness.csv", "results/metrics/fid.csv",
            "results/figures/fid.png", "results/figures/training_loss.png", "results/figures/pr_diffusion.png",
-           "results/figures/score_histograms.png"]
+           "results/figures/score_histograms.png", "results/metrics/judges.html"]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_pipeline_outputs_and_fallback_labelling(tiny_run):
     fid = pd.read_csv(work / "results/metrics/fid.csv")
     status = json.loads((work / "resources/torch_home/fid_weights.json").read_text())
     assert status["available"] is False
-    assert set(fid["metric"]) == {"classifier-feature FD", "classifier-feature KID"}
+    assert set(fid["metric"]) == {"oracle-feature FD", "oracle-feature KID"}  # an oracle's features, not the audited
     assert fid["note"].str.startswith("FID absent").all() and (fid["n_real"] == fid["n_real"].iloc[0]).all()
     rec = json.loads((work / "results/figures/pr_diffusion.png.prov.json").read_text())
     scores = work / "results/scores/scores.csv"
@@ -174,10 +175,10 @@ def test_pipeline_outputs_and_fallback_labelling(tiny_run):
 @pytest.mark.slow
 def test_metric_only_settings_reschedule_only_metric_rules(tiny_run):
     work, _ = tiny_run
-    cases = [({"metrics": {"bootstrap": {"resamples": 60}}}, {"table1", "closeness"}),
+    cases = [({"metrics": {"bootstrap": {"resamples": 60}}}, {"table1", "closeness", "judges"}),
              ({"metrics": {"figures": {"dpi": 80}}}, {"curve_figures", "score_histograms", "loss_figure",
                                                      "realism_figure"}),
-             ({"metrics": {"fid": {"n": 100}}}, {"realism", "realism_figure"})]
+             ({"metrics": {"fid": {"n": 100}}}, {"realism", "realism_figure", "judges"})]
     for i, (change, expected) in enumerate(cases):
         proc = snakemake(work, _variant(work, f"v{i}.yaml", change), TARGETS, "-n")
         assert scheduled_rules(proc.stdout) == expected, (change, proc.stdout[-3000:])
@@ -197,8 +198,8 @@ def test_report_builds_with_captions_commit_and_config_hash(tiny_run):
     assert config_sha256(load_config(REPO / "config.yaml", cfg)) in html
     block = html[html.index('<script id="results">'):]
     results = json.loads(block[block.index("{"):block.index("</script>")].strip().rstrip(";"))
-    for name in ("table1.html", "fid.html", "closeness.html", "pr_diffusion.png", "roc_diffusion.png",
+    for name in ("table1.html", "fid.html", "closeness.html", "judges.html", "pr_diffusion.png", "roc_diffusion.png",
                  "score_histograms.png", "training_loss.png", "fid.png"):
         entry = next(v for k, v in results.items() if k.endswith(name))
         assert len(entry["caption"]) > 200, name  # a caption saying what it shows and how it was made
-    assert "classifier-feature" in html and "cfaudit: counterfactual audit" in html
+    assert "oracle-feature" in html and "cfaudit: counterfactual audit" in html

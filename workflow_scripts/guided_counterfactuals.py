@@ -14,4 +14,4 @@ with script_logging(smk.log[0]) as log:
                      pack_index=smk.input.index, anchors_csv=smk.input.anchors, out_index=smk.output.index,
                      out_dir=smk.params.out_dir, shard=smk.params.shard, n_shards=smk.params.n_shards,
                      cfg=smk.params.guided, seed=smk.params.seed, device=device, precision=smk.params.precision,
-                     channels_last=smk.params.channels_last)
+                     channels_last=smk.params.channels_last, generator=smk.params.generator)

@@ -14,5 +14,5 @@ with script_logging(smk.log[0]) as log:
     if status["available"]:
         log.info("FID-Inception weights at %s (%s, sha256 %s)", status["path"], status["source"], status["sha256"])
     else:
-        log.warning("%s; the realism rule will report the classifier-feature FD instead of FID", status["reason"])
+        log.warning("%s; the realism rule will report an oracle-feature FD instead of FID", status["reason"])
     write_status(status, smk.output.status)

@@ -1,4 +1,4 @@
-"""Entry script of rule realism: FID/KID (pytorch-fid Inception) or, without its weights, classifier-feature FD/KID."""
+"""Entry script of rule realism: FID/KID (pytorch-fid Inception) or, without its weights, an oracle's feature FD/KID."""
 
 from pathlib import Path
 
@@ -15,8 +15,10 @@ with script_logging(smk.log[0]):
     compute = smk.config["compute"]  # read here, not a param: the device must not trigger reruns
     device = resolve_device(compute["device"], compute["allow_cpu_fallback"])
     indexes = dict(zip(smk.params.generators, smk.input.indexes))
+    feature_spec = smk.input.feature_spec[0] if len(smk.input.feature_spec) else None
     _, info = make_realism(smk.input.status, indexes, smk.input.pack, smk.input.pack_index, smk.input.split,
-                           smk.input.spec, smk.params.fid, smk.params.seed, smk.params.resolution, device,
-                           Path(smk.input.status).parent, smk.output.csv, smk.output.html)
+                           smk.input.anchors, smk.input.spec, feature_spec, smk.params.fid, smk.params.seed,
+                           smk.params.resolution, device, Path(smk.input.status).parent, smk.output.csv,
+                           smk.output.html, smk.output.features)
     read = info.pop("read_files")
     write_job_provenance(smk, [smk.output.csv, smk.output.html], started, extra={"realism": info}, read=read)

@@ -209,8 +209,8 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
 
 
 def run_training(pack, index, split, out_weights, out_heldout, out_history, out_eval_scores, settings: dict,
-                 seed: int, device, threads: int | None = None) -> dict:
-    """Rule train_classifier: train on the pack's train split, measure the held-out AUROC on its eval split.
+                 seed: int, device, threads: int | None = None, rule: str = "train_classifier") -> dict:
+    """Rule train_classifier (and train_oracle): train on the pack's train split, measure the held-out AUROC on its eval split.
 
     Writes the state dict (``torch.save(net.state_dict())``, loadable with ``weights_only=True``), the
     held-out metrics JSON (+ provenance sidecar), the loss history and the per-image eval probabilities.
@@ -252,6 +252,6 @@ def run_training(pack, index, split, out_weights, out_heldout, out_history, out_
     tmp = atomic_path(out_heldout)
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out_heldout)
-    write_provenance(out_heldout, [pack, index, split], {"classifier.trained": settings, "seed": seed},
-                     rule="train_classifier", started=started)
+    write_provenance(out_heldout, [pack, index, split], {"training settings": settings, "seed": seed},
+                     rule=rule, started=started)
     return record

@@ -5,8 +5,10 @@
   ``torch.hub`` finds it without a download (facts §6). The model code is pytorch-fid's own
   ``InceptionV3`` (FID-Inception blocks, resize to 299 bilinear, [0,1] -> [-1,1]).
 * When the weights cannot be had (no network, no local file), the stage reports the Fréchet distance and
-  KID on the audited classifier's penultimate features (``clf.features``) instead. Those are NOT FID/KID and
-  are labelled ``classifier-feature FD`` / ``classifier-feature KID`` everywhere, with the reason.
+  KID on an oracle's penultimate features (``clf.features`` of a classifier that no generator used, see
+  :mod:`cfaudit.oracles`) instead. Those are NOT FID/KID and are labelled ``oracle-feature FD`` /
+  ``oracle-feature KID`` everywhere, with the reason. Only with no oracle configured does it fall back to the
+  audited classifier's features (``classifier-feature FD``), which favour images optimised against it.
 * The Fréchet distance is computed here (symmetric eigendecompositions, no ``scipy.linalg.sqrtm``, which
   SciPy 1.18 removes): ``|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1^1/2 S2 S1^1/2)``.
 * KID: unbiased MMD^2 with the cubic polynomial kernel ``(x.y/d + 1)^3`` over random subsets (Bińkowski
@@ -37,6 +39,9 @@ FID = "FID"
 KID = "KID"
 CLF_FD = "classifier-feature FD"
 CLF_KID = "classifier-feature KID"
+ORACLE_FD = "oracle-feature FD"
+ORACLE_KID = "oracle-feature KID"
+METRIC_NAMES = {"fid": (FID, KID), "classifier": (CLF_FD, CLF_KID), "oracle": (ORACLE_FD, ORACLE_KID)}
 
 
 class FIDWeightsMissing(RuntimeError):
@@ -335,11 +340,13 @@ def stratified_subsample(labels: np.ndarray, per_class: int, rng: np.random.Gene
 def realism_table(real: np.ndarray, sets: dict[str, np.ndarray], extract, *, mode: str, n: int, seed: int,
                   kid_subsets: int, kid_subset_size: int, resolution: int, implementation: str,
                   note: str = "", real_labels: np.ndarray | None = None,
-                  set_labels: dict[str, np.ndarray] | None = None) -> "pd.DataFrame":
+                  set_labels: dict[str, np.ndarray] | None = None,
+                  features_out: dict | None = None) -> "pd.DataFrame":
     """FD and KID of every image set in ``sets`` against ``real`` at ONE common N.
 
     ``real`` and each set: uint8 (N, resolution, resolution, 3). ``extract(images) -> (N, D)`` features.
-    ``mode``: "fid" (rows FID / KID) or "classifier" (rows classifier-feature FD / KID).
+    ``mode``: "fid" (rows FID / KID), "oracle" (oracle-feature FD / KID) or "classifier" (classifier-feature
+    FD / KID: the audited classifier's features, not independent of classifier-guided generators).
     Without labels N is ``min(n, len(real), every set's size)`` and each set (and the real set) is subsampled to
     N with a seeded generator. With ``real_labels`` and ``set_labels`` (a label per image: the target for
     counterfactuals) every set and the real reference are drawn class-matched, the same number m of images of
@@ -370,11 +377,15 @@ def realism_table(real: np.ndarray, sets: dict[str, np.ndarray], extract, *, mod
             return stratified_subsample(np.asarray(labels[name]), per_class, rng)
         return subsample(total, n_used, rng)
 
-    real_feats = extract(real[draw("__real__", len(real))])
-    fd_name, kid_name = (FID, KID) if mode == "fid" else (CLF_FD, CLF_KID)
+    # features of every image once (eval mode: per-image), then the subsample; ``features_out`` receives them all
+    feats_all = {"__real__": extract(real), **{name: extract(images) for name, images in sets.items()}}
+    if features_out is not None:
+        features_out.update(feats_all)
+    real_feats = feats_all["__real__"][draw("__real__", len(real))]
+    fd_name, kid_name = METRIC_NAMES[mode]
     rows = []
     for pos, (name, images) in enumerate(sets.items()):
-        feats = extract(images[draw(name, len(images))])
+        feats = feats_all[name][draw(name, len(images))]
         fd = fd_from_features(real_feats, feats)
         k_mean, k_std, k_m = kid(real_feats, feats, kid_subsets, kid_subset_size, seed + 1 + pos)
         common = {"set": name, "n_real": n_used, "n_generated": n_used, "n_available": len(images),

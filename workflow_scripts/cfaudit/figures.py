@@ -197,8 +197,8 @@ def realism_figure(table: pd.DataFrame, path, dpi: int = 150, reason: str = "") 
     ``table``: fid.csv rows (set, metric, value, std, n_real, implementation). The metric names in the
     table label the axes, so a classifier-feature FD is never shown as FID.
     """
-    fd = table[table["metric"].isin(["FID", "classifier-feature FD"])]
-    kd = table[table["metric"].isin(["KID", "classifier-feature KID"])]
+    fd = table[table["metric"].isin(["FID", "classifier-feature FD", "oracle-feature FD"])]
+    kd = table[table["metric"].isin(["KID", "classifier-feature KID", "oracle-feature KID"])]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, part in ((axes[0], fd), (axes[1], kd)):
         if part.empty:
@@ -210,10 +210,11 @@ def realism_figure(table: pd.DataFrame, path, dpi: int = 150, reason: str = "") 
         ax.bar(part["set"], part["value"], color=colors, yerr=None if np.isnan(err).all() else err, capsize=4)
         for i, v in enumerate(part["value"]):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.set(ylabel=metric, title=f"{metric} vs real eval images (N={int(part['n_real'].iloc[0])})")
+        ax.set(ylabel=metric, title=f"{metric} vs real non-anchor eval images (N={int(part['n_real'].iloc[0])})")
         ax.tick_params(axis="x", labelsize=8)
-    title = ("Realism: FID / KID (pytorch-fid Inception)" if "FID" in set(fd["metric"])
-             else "Realism: classifier-feature FD / KID (NOT FID)")
+    metric = str(fd["metric"].iloc[0]) if len(fd) else ""
+    title = ("Realism: FID / KID (pytorch-fid Inception)" if metric == "FID"
+             else f"Realism: {metric} / KID (NOT FID)")
     if reason:
         title += "\n" + reason[:160] + ("…" if len(reason) > 160 else "")
     fig.suptitle(title, fontsize=9)

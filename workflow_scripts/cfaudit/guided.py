@@ -313,7 +313,8 @@ def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, 
 
 
 def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.DataFrame, pack_path, pack_index_path, out_dir,
-              shard: int, n_shards: int, cfg: dict, seed: int, device, amp_dtype=None, channels_last: bool = False):
+              shard: int, n_shards: int, cfg: dict, seed: int, device, amp_dtype=None, channels_last: bool = False,
+              generator: str = GENERATOR):
     """Write both targets' guided counterfactuals of shard ``shard``; return (index DataFrame rows, seconds)."""
     check_settings(cfg)
     out_dir = Path(out_dir)
@@ -336,7 +337,7 @@ def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.Data
         for k, target in enumerate(TARGETS):
             for n, a in enumerate(batch_ids):
                 save_png(images[k * b + n], image_path(out_dir, a, target))
-            rows = pd.DataFrame(index_rows(batch_ids, batch_labels, target, GENERATOR, out_dir, shard, settings))
+            rows = pd.DataFrame(index_rows(batch_ids, batch_labels, target, generator, out_dir, shard, settings))
             frames.append(pd.concat([rows, outcome.iloc[k * b:(k + 1) * b].reset_index(drop=True)], axis=1))
         done += b
         rate = done / max(time.perf_counter() - t_begin, 1e-9)
@@ -350,7 +351,7 @@ def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.Data
 
 def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_csv, out_index, out_dir, shard: int,
                      n_shards: int, cfg: dict, seed: int, device, precision: str = "auto", channels_last: bool = False,
-                     rule: str = "guided_counterfactuals") -> pd.DataFrame:
+                     rule: str = "guided_counterfactuals", generator: str = GENERATOR) -> pd.DataFrame:
     """Entry point of rule guided_counterfactuals: load generator + classifier, write one shard's PNGs + index."""
     from cfaudit.classifiers import load_classifier
     from cfaudit.diffusion.checkpoint import load_generator, resolve_precision
@@ -374,7 +375,7 @@ def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_c
              ladder_scales(cfg), cfg["scale_mode"], cfg["normalize_gradient"], cfg["l1_weight"], cfg["mask"],
              cfg["consensus"], cfg["early_stop"], clf.name, clf.input_size, clf.score_space, clf.threshold, prec, shard, n_shards)
     df, dt = run_shard(model, schedule, meta, clf, anchors, pack, pack_index, out_dir, shard, n_shards, cfg, seed, device,
-                       amp_dtype=amp_dtype, channels_last=channels_last)
+                       amp_dtype=amp_dtype, channels_last=channels_last, generator=generator)
     write_csv(df, out_index)
     n_anchors = len(df) // len(TARGETS)
     summary = {"anchors_per_s": n_anchors / max(dt, 1e-9), "checkpoint_sha256": meta["sha256"],

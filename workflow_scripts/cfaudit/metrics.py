@@ -367,12 +367,14 @@ def table1(scores: pd.DataFrame, generators: list[str], fixed_threshold: float, 
             n_units, n_images = len(at), int(present.sum())
             note = _reasons(y[present], s[present])
         ci = bootstrap(stat, n_units, resamples, seed + pos, level)
+        wilson_flip_intervals(ci, level)
         for metric in METRICS:
             if metric not in ci:
                 continue
             iv = ci[metric]
-            rule = ("score >= t" if metric.endswith("best_f1") else "score > t" if metric.endswith("fixed")
-                    or metric.startswith("flip") or metric.startswith("n_correct") else "")
+            rule = ("score >= t" if metric.endswith("best_f1") else "score > t; Wilson interval"
+                    if metric.startswith("flip") else "score > t" if metric.endswith("fixed")
+                    or metric.startswith("n_correct") else "")
             row_note = note if metric in ("threshold_best_f1", "auroc") or metric.endswith("best_f1") else ""
             if metric == "threshold_fixed":
                 row_note = "set by the classifier (classifier.json); not estimated"
@@ -381,6 +383,20 @@ def table1(scores: pd.DataFrame, generators: list[str], fixed_threshold: float, 
                          "resamples_valid": iv.valid, "n_units": n_units, "n_images": n_images, "rule": rule,
                          "note": row_note})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def wilson_flip_intervals(ci: dict, level: float) -> None:
+    """Replace the bootstrap intervals of the flip rates by Wilson score intervals (in place): a bootstrap of
+    13/13 flips gives [1, 1], as if 13 trials could prove a rate of 1; Wilson gives [0.77, 1]."""
+    from cfaudit.judges import wilson_interval
+
+    for rate, count in (("flip_rate_b2m", "n_correct_benign_anchors"), ("flip_rate_m2b", "n_correct_malignant_anchors")):
+        if rate in ci and count in ci:
+            n = int(round(ci[count].estimate))
+            est = ci[rate].estimate
+            k = int(round(est * n)) if n and np.isfinite(est) else 0
+            lo, hi = wilson_interval(k, n, level)
+            ci[rate] = Interval(est, lo, hi, 0, 0)
 
 
 def _fmt(x: float, integer: bool = False) -> str:
@@ -393,7 +409,8 @@ def table1_wide(table: pd.DataFrame) -> pd.DataFrame:
     """Table 1 as one row per metric (its description) x one column per group, ``estimate [low, high]``."""
     groups = list(dict.fromkeys(table["group"]))
     rows = []
-    for metric, desc in METRICS.items():
+    extra = [m for m in dict.fromkeys(table["metric"]) if m not in METRICS]  # e.g. the oracle rows of the judges
+    for metric, desc in [*METRICS.items(), *((m, m) for m in extra)]:
         sub = table[table["metric"] == metric].set_index("group")
         if sub.empty:
             continue
@@ -425,7 +442,8 @@ def table1_markdown(table: pd.DataFrame, title: str = "Table 1", footnotes: Iter
     wide = table1_wide(table)
     level = float(table["ci_level"].iloc[0]) if len(table) else 0.95
     lines = [f"# {title}", "",
-             f"Estimate [{level:.0%} percentile-bootstrap interval]; originals against their ground-truth "
+             f"Estimate [{level:.0%} interval: percentile bootstrap over anchors; Wilson score for flip rates]; "
+             "originals against their ground-truth "
              "label, counterfactuals against their target label.", ""]
     lines.append("| " + " | ".join(wide.columns) + " |")
     lines.append("|---|" + "---|" * (len(wide.columns) - 1))

@@ -59,7 +59,9 @@ def read_scores(scores_path, anchors_path=None) -> pd.DataFrame:
 # Table 1
 # ----------------------------------------------------------------------------------------------------------
 def make_table1(scores_path, anchors_path, spec_path, generators, bootstrap: dict, seed: int,
-                out_csv, out_md, out_html) -> pd.DataFrame:
+                out_csv, out_md, out_html, oracle_scores: dict | None = None,
+                oracle_specs: dict | None = None) -> pd.DataFrame:
+    """Table 1; with ``oracle_scores`` / ``oracle_specs`` ({name: path}) also the independent judges' rows."""
     from cfaudit.report import table_html
 
     spec = read_spec(spec_path)
@@ -71,6 +73,13 @@ def make_table1(scores_path, anchors_path, spec_path, generators, bootstrap: dic
                              f"{spec['score_space']}; rerun the scoring stage")
     table = M.table1(scores, list(generators), float(spec["threshold"]), bootstrap["resamples"], seed,
                      bootstrap["level"])
+    if oracle_scores:
+        from cfaudit.judges_stage import oracle_table1_rows
+
+        tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
+        thr = {n: float(read_spec(p)["threshold"]) for n, p in (oracle_specs or {}).items()}
+        extra = oracle_table1_rows(scores, float(spec["threshold"]), tabs, thr, list(generators), bootstrap, seed)
+        table = pd.concat([table, extra], ignore_index=True)
     table.insert(2, "score_space", spec["score_space"])
     table.insert(3, "classifier", spec.get("name", ""))
     write_csv(table, out_csv)
@@ -156,23 +165,71 @@ def make_closeness(index_paths: dict, anchors_path, cfg: dict, bootstrap: dict, 
 # ----------------------------------------------------------------------------------------------------------
 # Realism (FID / KID or classifier-feature FD / KID)
 # ----------------------------------------------------------------------------------------------------------
-def make_realism(status_path, index_paths: dict, pack, pack_index, split, spec_path, cfg: dict, seed: int,
-                 resolution: int, device, torch_home, out_csv, out_html=None) -> tuple[pd.DataFrame, dict]:
-    """fid.csv: FID/KID with pytorch-fid's Inception when its weights were placed, else the classifier-feature
-    FD/KID with the reason FID is absent. Returns (table, info for provenance)."""
+def real_reference_index(split_path, anchors_path) -> pd.DataFrame:
+    """The real images every realism and gamut judge compares with: the eval split WITHOUT the anchors (a generator
+    starts from its anchors, so a reference containing them rewards copying them)."""
+    split = pd.read_csv(split_path)
+    anchors = set(pd.read_csv(anchors_path)["image_id"].astype(str))
+    ref = split[(split["split"] == "eval") & ~split["image_id"].astype(str).isin(anchors)]
+    counts = ref["label"].value_counts().reindex([0, 1], fill_value=0)
+    if counts.min() < 2:
+        raise ValueError(f"the eval split has {counts[0]} benign and {counts[1]} malignant images that are not anchors "
+                         f"({split_path}, {anchors_path}); the realism reference needs at least 2 of each: lower "
+                         "split.max_anchors or raise split.eval_fraction")
+    return ref.reset_index(drop=True)
+
+
+def _feature_extractor(status: dict, feature_spec, spec_path, cfg: dict, device, torch_home):
+    """(extract(images) -> features, mode, implementation, note): FID-Inception when its weights were placed, else an
+    oracle's penultimate features, else (no oracle configured) the audited classifier's, labelled as such."""
+    from cfaudit import fid as F
+
+    if status.get("available"):
+        import pytorch_fid
+
+        model = F.fid_inception(torch_home, cfg["dims"], device)
+        impl = (f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID weights {status['path']}, sha256 "
+                f"{status['sha256'][:16]}…, hash_verified={status['hash_verified']}), {cfg['dims']}-d block, "
+                f"bilinear resize to 299; FD: cfaudit.fid.frechet_distance (eigh)")
+        note = "" if status["hash_verified"] else ("weights NOT pytorch-fid's release file (hash not verified): "
+                                                   "values are not comparable to published FIDs")
+        return (lambda images: F.inception_features(model, images, cfg["batch_size"], device)), "fid", impl, note
+    from cfaudit.classifiers import load_classifier
+
+    absent = "FID absent: " + status.get("reason", "FID-Inception weights unavailable")
+    clf = load_classifier(feature_spec or spec_path, device)
+    mode = "oracle" if feature_spec else "classifier"
+    who = ("oracle" if feature_spec else "AUDITED classifier (no oracle configured: NOT independent of guided "
+           "generators)")
+    impl = (f"penultimate features of the {who} {getattr(clf, 'name', '?')} ({getattr(clf, 'preprocessing', '')}); "
+            "FD: cfaudit.fid.frechet_distance (eigh)")
+    return (lambda images: F.classifier_features(clf, images, cfg["batch_size"], device)), mode, impl, absent
+
+
+def make_realism(status_path, index_paths: dict, pack, pack_index, split, anchors_path, spec_path, feature_spec,
+                 cfg: dict, seed: int, resolution: int, device, torch_home, out_csv, out_html=None,
+                 out_features=None) -> tuple[pd.DataFrame, dict]:
+    """fid.csv: FID/KID with pytorch-fid's Inception when its weights were placed, else the oracle-feature FD/KID
+    with the reason FID is absent. The real reference is the eval split without the anchors; the train images
+    at the same N give the real-vs-real floor. ``out_features`` (npz): every image's features (reference and each
+    generator's counterfactuals with their anchor ids), for the judges' paired intervals. Returns (table, info)."""
     from cfaudit import fid as F
     from cfaudit.data.pack import load_pack
 
     status = json.loads(Path(status_path).read_text())
+    ref_ids = set(real_reference_index(split, anchors_path)["image_id"].astype(str))
     real, real_index = load_pack(pack, pack_index, split, "eval")
-    real = F.resize_uint8(real, resolution)
+    keep = real_index["image_id"].astype(str).isin(ref_ids).to_numpy()
+    real, real_index = F.resize_uint8(real[keep], resolution), real_index[keep].reset_index(drop=True)
     sets: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
+    anchor_ids: dict[str, np.ndarray] = {}
     read = []
     for gen, ipath in index_paths.items():
         index = pd.read_csv(ipath)
         sets[gen] = F.load_pngs(index["path"].tolist(), resolution)
         labels[gen] = index["target_label"].to_numpy(int)
+        anchor_ids[gen] = index["anchor_id"].astype(str).to_numpy(dtype=str)  # unicode: loads without pickle
         read += index["path"].tolist()
     if cfg["reference_train"]:
         train, train_index = load_pack(pack, pack_index, split, "train")
@@ -180,42 +237,31 @@ def make_realism(status_path, index_paths: dict, pack, pack_index, split, spec_p
             sets["real train (reference)"] = F.resize_uint8(train, resolution)
             labels["real train (reference)"] = train_index["label"].to_numpy(int)
     matched = cfg["reference"] == "class_matched"
-    if status.get("available"):
-        import pytorch_fid
-
-        model = F.fid_inception(torch_home, cfg["dims"], device)
-
-        def extract(images):
-            return F.inception_features(model, images, cfg["batch_size"], device)
-
-        mode = "fid"
-        impl = (f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID weights {status['path']}, sha256 "
-                f"{status['sha256'][:16]}…, hash_verified={status['hash_verified']}), {cfg['dims']}-d block, "
-                f"bilinear resize to 299; FD: cfaudit.fid.frechet_distance (eigh)")
-        note = "" if status["hash_verified"] else ("weights NOT pytorch-fid's release file (hash not verified): "
-                                                   "values are not comparable to published FIDs")
-    else:
-        from cfaudit.classifiers import load_classifier
-
-        clf = load_classifier(spec_path, device)
-
-        def extract(images):
-            return F.classifier_features(clf, images, cfg["batch_size"], device)
-
-        mode = "classifier"
-        impl = (f"penultimate features of the audited classifier {getattr(clf, 'name', '?')} "
-                f"({getattr(clf, 'preprocessing', '')}); FD: cfaudit.fid.frechet_distance (eigh)")
-        note = "FID absent: " + status.get("reason", "FID-Inception weights unavailable")
+    extract, mode, impl, note = _feature_extractor(status, feature_spec, spec_path, cfg, device, torch_home)
+    all_feats: dict[str, np.ndarray] = {}
     table = F.realism_table(real, sets, extract, mode=mode, n=cfg["n"], seed=seed, kid_subsets=cfg["kid_subsets"],
                             kid_subset_size=cfg["kid_subset_size"], resolution=resolution, implementation=impl,
                             note=note, real_labels=real_index["label"].to_numpy(int) if matched else None,
-                            set_labels=labels if matched else None)
+                            set_labels=labels if matched else None, features_out=all_feats)
+    table["reference_images"] = "eval split without the anchors"
     write_csv(table, out_csv)
+    if out_features:
+        arrays = {"reference": all_feats["__real__"], "reference_label": real_index["label"].to_numpy(int)}
+        for gen in index_paths:
+            arrays[f"gen:{gen}"] = all_feats[gen]
+            arrays[f"anchor:{gen}"] = anchor_ids[gen]
+            arrays[f"target:{gen}"] = labels[gen]
+        tmp = atomic_path(out_features)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, out_features)
     if out_html:
         from cfaudit.report import table_html
 
         show = table[["set", "metric", "value", "std", "n_real", "n_generated", "feature_dims", "resolution"]]
-        notes = [f"Implementation: {impl}.", f"Reference: {table['reference'].iloc[0]}." if len(table) else "",
+        notes = [f"Implementation: {impl}.", f"Reference: {table['reference'].iloc[0]}, drawn from the eval images "
+                 "that are not anchors." if len(table) else "",
+                 "'real train (reference)' is the real-vs-real floor: what real images score at the same N. "
                  "N is the same for every row (the smallest set, capped at metrics.fid.n); FID-type numbers are "
                  "biased upward at small N and comparable only at the same N. KID: mean ± std over subsets."]
         _write_text(table_html(show, "Realism of counterfactuals vs real eval images", [note] + notes), out_html)

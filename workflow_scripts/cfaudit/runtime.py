@@ -86,3 +86,12 @@ def resolve_device(requested: str = "auto", allow_cpu_fallback: bool = True):
     if requested == "cuda":
         log.warning("no GPU visible; compute.allow_cpu_fallback is true, so running on the CPU")
     return torch.device("cpu")
+
+
+def job_device(compute: dict, threads: int):
+    """The device of a rule's job from config ``compute`` (:func:`resolve_device`), with torch's CPU threads set to
+    the job's ``threads`` (what the scheduler granted)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    return resolve_device(compute["device"], compute["allow_cpu_fallback"])

@@ -69,13 +69,18 @@ def scoring_jobs(anchors: pd.DataFrame, pack_index: pd.DataFrame, split: pd.Data
 # ----------------------------------------------------------------------------------------------------------
 # Decoding
 # ----------------------------------------------------------------------------------------------------------
+def _open(source) -> Image.Image:
+    """A PIL image from a file path or a uint8 (H, W, 3) array (the judges score transformed images in memory)."""
+    return Image.fromarray(source) if isinstance(source, np.ndarray) else Image.open(source)
+
+
 def load_pil_cropped(path, resize_size: int, crop_size: int) -> np.ndarray:
-    """The weights' authors' pipeline on the 8-bit file: RGB -> Resize(resize_size) -> CenterCrop(crop_size)
-    (torchvision on a PIL image: bilinear with PIL's antialiasing) -> uint8 (crop, crop, 3)."""
+    """The weights' authors' pipeline on the 8-bit file (or uint8 array): RGB -> Resize(resize_size) ->
+    CenterCrop(crop_size) (torchvision on a PIL image: bilinear with PIL's antialiasing) -> uint8 (crop, crop, 3)."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    with Image.open(path) as im:
+    with _open(path) as im:
         im = im.convert("RGB")
         if min(im.size) != resize_size:
             im = TF.resize(im, [resize_size], interpolation=InterpolationMode.BILINEAR)
@@ -85,7 +90,7 @@ def load_pil_cropped(path, resize_size: int, crop_size: int) -> np.ndarray:
 
 
 def load_raw(path) -> np.ndarray:
-    with Image.open(path) as im:
+    with _open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 

@@ -1,0 +1,163 @@
+# Independent judges: oracle classifiers, adversarial diagnostics and the controls (cfaudit/judges.py).
+# An oracle is trained on the train split with another architecture and seed than the audited classifier and is
+# NEVER an input of a generator rule (tests/test_judges.py checks the DAG). The PGD control and guided_noclf
+# (rules/guided.smk) are generators in every table, so a reader compares the guided method with them.
+# train_oracle (one job per oracle) -> score_oracle -> judges; diagnostics (audited classifier under JPEG, blur,
+# shift; gamut; high frequencies) -> judges -> results/metrics/judges.{csv,md,html}.
+# The device (config `compute`) is read by the new scripts at run time, not a param: it cannot change a result.
+from cfaudit.oracles import oracle_recipe
+
+# ORACLES / ORACLE_DIR: rules/metrics.smk (the realism rule reads the first oracle's spec)
+JUDGES = MET["judges"]
+CONTROL_GENERATORS = ("pgd", "guided_noclf")
+if "pgd" in MET_GENERATORS and "guided" not in MET_GENERATORS:
+    raise WorkflowError("counterfactuals.generators lists 'pgd' without 'guided': the PGD control takes its mask and "
+                        "L2 budget from the guided counterfactuals; add 'guided' or drop 'pgd'")
+
+
+rule train_oracle:
+    """Train one oracle (metrics.oracles.models) on the train split; held-out AUROC; oracle.json (a classifier spec)."""
+    input:
+        pack=rules.resize.output.pack,
+        index=rules.resize.output.index,
+        split=rules.split.output.split,
+    output:
+        weights=f"{ORACLE_DIR}/{{oracle}}/model.pt",
+        heldout=f"{ORACLE_DIR}/{{oracle}}/heldout.json",
+        history=f"{ORACLE_DIR}/{{oracle}}/history.csv",
+        eval_scores=f"{ORACLE_DIR}/{{oracle}}/eval_scores.csv",
+        spec=f"{ORACLE_DIR}/{{oracle}}/oracle.json",
+    wildcard_constraints:
+        oracle="|".join(ORACLES) or "NO_ORACLE",
+    params:
+        name=lambda wc: wc.oracle,
+        recipe=lambda wc: oracle_recipe(config, ORACLES[wc.oracle]),
+        seed=lambda wc: int(ORACLES[wc.oracle]["seed"]),
+    threads: job_threads("train_oracle")
+    resources:
+        **job_resources("train_oracle"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/judges/train_oracle_{{oracle}}.log",
+    benchmark:
+        f"{BENCH}/train_oracle_{{oracle}}.tsv"
+    script:
+        entry_script("train_oracle.py")
+
+
+rule score_oracle:
+    """One oracle's scores of the anchors and of every generator's counterfactuals (same contract as scores.csv)."""
+    input:
+        spec=rules.train_oracle.output.spec,
+        anchors=rules.anchors.output.anchors,
+        pack_index=rules.resize.output.index,
+        split=rules.split.output.split,
+        indexes=MET_CF_INDEXES,
+    output:
+        scores=f"{ORACLE_DIR}/{{oracle}}/scores.csv",
+    wildcard_constraints:
+        oracle="|".join(ORACLES) or "NO_ORACLE",
+    params:
+        scoring={**config["classifier"]["scoring"], "originals": "anchors"},
+        generators=MET_GENERATORS,
+        compute=config["compute"],
+    threads: job_threads("score_oracle")
+    resources:
+        **job_resources("score_oracle"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/judges/score_oracle_{{oracle}}.log",
+    script:
+        entry_script("score.py")
+
+
+rule pgd_counterfactuals:
+    """The PGD control: masked L2 PGD on the audited classifier with each guided counterfactual's mask and budget."""
+    input:
+        classifier=CLASSIFIER_SPEC,
+        guided=f"{RESULTS}/counterfactuals/guided/index.csv",
+        pack=rules.resize.output.pack,
+        index=rules.resize.output.index,
+    output:
+        index=f"{RESULTS}/counterfactuals/pgd/index.csv",
+    params:
+        out_dir=f"{RESULTS}/counterfactuals/pgd/images",
+        pgd={k: v for k, v in JUDGES["pgd"].items() if k != "batch_size"},  # the batch size changes no pixel
+    threads: job_threads("pgd_counterfactuals")
+    resources:
+        **job_resources("pgd_counterfactuals"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/judges/pgd_counterfactuals.log",
+    benchmark:
+        f"{BENCH}/pgd_counterfactuals.tsv"
+    script:
+        entry_script("pgd_counterfactuals.py")
+
+
+rule diagnostics:
+    """Audited scores after JPEG q75 / blur 0.5 px / 1-px shift, out-of-gamut share and HF ratio of every change."""
+    input:
+        spec=CLASSIFIER_SPEC,
+        indexes=MET_CF_INDEXES,
+        anchors=rules.anchors.output.anchors,
+        pack=rules.resize.output.pack,
+        pack_index=rules.resize.output.index,
+        split=rules.split.output.split,
+    output:
+        per_image=f"{METRICS_DIR}/diagnostics_per_image.csv",
+        gamut=f"{METRICS_DIR}/diagnostics_gamut.json",
+        prov=prov(f"{METRICS_DIR}/diagnostics_per_image.csv"),
+    params:
+        generators=MET_GENERATORS,
+        diagnostics={"hf_cutoff": JUDGES["diagnostics"]["hf_cutoff"],
+                     "pixel_change_tolerance": MET["closeness"]["pixel_change_tolerance"]},
+    threads: job_threads("diagnostics")
+    resources:
+        **job_resources("diagnostics"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/judges/diagnostics.log",
+    script:
+        entry_script("diagnostics.py")
+
+
+rule judges:
+    """'Are the counterfactuals semantic?': audited vs oracle flips, survival, gamut, realism, closeness, verdicts."""
+    input:
+        scores=SCORES,
+        anchors=rules.anchors.output.anchors,
+        spec=CLASSIFIER_SPEC,
+        oracle_scores=expand(rules.score_oracle.output.scores, oracle=list(ORACLES)),
+        oracle_specs=expand(rules.train_oracle.output.spec, oracle=list(ORACLES)),
+        diagnostics=rules.diagnostics.output.per_image,
+        closeness=rules.closeness.output.per_image,
+        realism=rules.realism.output.csv,
+        features=rules.realism.output.features,
+    output:
+        csv=f"{METRICS_DIR}/judges.csv",
+        differences=f"{METRICS_DIR}/judges_differences.csv",
+        md=f"{METRICS_DIR}/judges.md",
+        html=report(f"{METRICS_DIR}/judges.html", caption="report/judges.rst",
+                    category="1. Table 1", labels={"table": "Are the counterfactuals semantic?"}),
+        prov=[prov(f"{METRICS_DIR}/judges.{ext}") for ext in ("csv", "md", "html")],
+    params:
+        oracles=list(ORACLES),
+        generators=MET_GENERATORS,
+        bootstrap=MET["bootstrap"],
+        fd_resamples=JUDGES["fd_resamples"],
+        seed=MET_SEED,
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/judges/judges.log",
+    script:
+        entry_script("judges.py")
+
+
+if MET_GENERATORS:
+    ALL_TARGETS.extend([*rules.judges.output, *expand(rules.train_oracle.output.heldout, oracle=list(ORACLES))])

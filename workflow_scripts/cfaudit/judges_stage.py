@@ -1,0 +1,421 @@
+"""File-level steps of the judges: read the upstream contracts, call :mod:`cfaudit.judges`, write the tables.
+
+* :func:`make_diagnostics` (rule diagnostics): per counterfactual and per anchor, the audited classifier's score
+  after each transform of :data:`cfaudit.judges.TRANSFORMS`, the out-of-gamut share and the high-frequency ratio
+  of the change.
+* :func:`make_judges` (rule judges): "Are the counterfactuals semantic?": per generator and direction the audited
+  and oracle flip rates, transfer, survival, gamut, realism and closeness, paired differences between generators,
+  and a verdict per generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cfaudit import judges as J
+from cfaudit.files import write_csv
+from cfaudit.metrics_stage import _write_text, read_scores, read_spec, real_reference_index
+
+log = logging.getLogger("cfaudit.judges")
+ORIGINAL = "original"
+
+
+def _read_png(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diagnostics
+# ----------------------------------------------------------------------------------------------------------
+def _transformed_scores(clf, images: list[np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """{transform: audited score of each transformed image} ('plain': untransformed), through the scoring stage's
+    own preprocessing."""
+    import torch
+
+    from cfaudit.scoring import score_paths
+
+    out = {}
+    for name in ("plain", *J.TRANSFORMS):
+        batch = images if name == "plain" else [J.transform(im, name) for im in images]
+        logits = torch.from_numpy(score_paths(clf, batch, batch_size, "pil", 1))
+        out[name] = clf.score(logits).numpy().astype(np.float64)
+    return out
+
+
+def make_diagnostics(spec_path, index_paths: dict, anchors_path, pack, pack_index, split, cfg: dict, device,
+                     out_per_image, out_gamut) -> pd.DataFrame:
+    """diagnostics_per_image.csv: one row per anchor (generator 'original') and per counterfactual."""
+    from cfaudit.classifiers import load_classifier
+    from cfaudit.data.pack import load_pack
+    from cfaudit.diffusion.sdedit import read_anchor_pixels
+
+    clf = load_classifier(spec_path, device)
+    anchors = pd.read_csv(anchors_path)
+    anchors["image_id"] = anchors["image_id"].astype(str)
+    anchor_px = dict(zip(anchors["image_id"], read_anchor_pixels(pack, pack_index, anchors["image_id"].tolist())))
+    ref_ids = set(real_reference_index(split, anchors_path)["image_id"].astype(str))
+    real, real_index = load_pack(pack, pack_index, split, "eval")
+    gamut = J.gamut_range(real[real_index["image_id"].astype(str).isin(ref_ids).to_numpy()])
+    tol, cutoff = int(cfg["pixel_change_tolerance"]), float(cfg["hf_cutoff"])
+    frames = []
+    jobs = [(ORIGINAL, anchors.assign(anchor_id=anchors["image_id"], anchor_label=anchors["label"],
+                                      target_label=anchors["label"], path=anchors["png"]))]
+    jobs += [(g, pd.read_csv(p).assign(anchor_id=lambda d: d["anchor_id"].astype(str))) for g, p in index_paths.items()]
+    for gen, rows in jobs:
+        images = [anchor_px[a] if gen == ORIGINAL else _read_png(p) for a, p in zip(rows["anchor_id"], rows["path"])]
+        base = [anchor_px[a] for a in rows["anchor_id"]]
+        for im, a in zip(images, base):
+            if im.shape != a.shape:
+                raise ValueError(f"{gen}: a counterfactual is {im.shape[:2]} px but its anchor {a.shape[:2]} px; the "
+                                 "diagnostics compare them pixel by pixel (see README, image sizes per stage)")
+        scores = _transformed_scores(clf, images, int(cfg["batch_size"]))
+        gam = [J.out_of_gamut_share(a, im, gamut, tol) for a, im in zip(base, images)]
+        df = pd.DataFrame({"generator": gen, "anchor_id": rows["anchor_id"].to_numpy(),
+                           "anchor_label": rows["anchor_label"].astype(int).to_numpy(),
+                           "target_label": rows["target_label"].astype(int).to_numpy(),
+                           "out_of_gamut_share": [g[0] for g in gam], "n_changed_pixels": [g[1] for g in gam],
+                           "hf_ratio": [J.high_frequency_ratio(a, im, cutoff) for a, im in zip(base, images)]})
+        for name, s in scores.items():
+            df[f"score_{name}"] = s
+        if gen == ORIGINAL:  # real pixels outside the real range: the baseline of the gamut judge
+            light, chroma = J.lightness_chroma(np.stack(images))
+            outside = ((light < gamut["L_low"]) | (light > gamut["L_high"]) | (chroma < gamut["C_low"])
+                       | (chroma > gamut["C_high"]))
+            df["out_of_gamut_share"] = outside.reshape(len(images), -1).mean(axis=1)
+        frames.append(df)
+    per_image = pd.concat(frames, ignore_index=True)
+    write_csv(per_image, out_per_image)
+    Path(out_gamut).write_text(json.dumps({**gamut, "threshold": clf.threshold, "classifier": clf.name,
+                                           "pixel_change_tolerance": tol, "hf_cutoff": cutoff}, indent=2))
+    log.info("diagnostics: %d rows; real gamut L* [%.1f, %.1f], C* [%.1f, %.1f]", len(per_image), gamut["L_low"],
+             gamut["L_high"], gamut["C_low"], gamut["C_high"])
+    return per_image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The judges table
+# ----------------------------------------------------------------------------------------------------------
+def _row(generator, direction, metric, judge, values: dict, note: str = "") -> dict:
+    return {"generator": generator, "direction": direction, "metric": metric, "judge": judge, **values, "note": note}
+
+
+def _survival(per_image: pd.DataFrame, flips: pd.DataFrame, generator: str, threshold: float) -> pd.DataFrame:
+    """``flips`` (audited, per anchor and direction) with a 0/1 survival column per transform (nan if no flip)."""
+    d = per_image[per_image["generator"] == generator].set_index(["anchor_id", "target_label"])
+    out = flips.copy()
+    target = out["direction"].map({k: v[1] for k, v in J.DIRECTIONS.items()})
+    keys = list(zip(out["anchor_id"], target))
+    for name in J.TRANSFORMS:
+        s = d[f"score_{name}"].reindex(keys).to_numpy(float)
+        on_target = np.where(target.to_numpy() == 1, s > threshold, ~(s > threshold)).astype(float)
+        out[name] = np.where(out["flipped"] == 1, on_target, np.nan)
+    return out
+
+
+def generator_rows(gen: str, audited: pd.DataFrame, oracles: dict[str, pd.DataFrame], consensus: pd.DataFrame,
+                   survival: pd.DataFrame, per_image: pd.DataFrame, closeness: pd.DataFrame | None,
+                   boot: dict, seed: int) -> list[dict]:
+    """The judges' rows of one generator, per direction."""
+    level, res = boot["level"], boot["resamples"]
+    rows = []
+    for k, direction in enumerate(J.DIRECTIONS):
+        src, tgt = J.DIRECTIONS[direction]
+        a = audited[audited["direction"] == direction]
+        aud = J.rate_row(a["flipped"], level)
+        rows.append(_row(gen, direction, "audited flip rate", "audited", aud))
+        for name, df in oracles.items():
+            o = df[df["direction"] == direction]
+            rows.append(_row(gen, direction, "oracle flip rate", name, J.rate_row(o["flipped"], level)))
+            rows.append(_row(gen, direction, "oracle score change toward target", name,
+                             J.mean_row(o["delta"], res, seed + 10 * k + 1, level)))
+        c = consensus[consensus["direction"] == direction]
+        mean = J.mean_row(c["flipped"], res, seed + 10 * k + 2, level)
+        rows.append(_row(gen, direction, "oracle flip rate", "mean of oracles", mean,
+                         "per anchor: share of the oracles that got the anchor right and flip"))
+        rows.append(_row(gen, direction, "oracle score change toward target", "mean of oracles",
+                         J.mean_row(c["delta"], res, seed + 10 * k + 3, level)))
+        ratio = mean["estimate"] / aud["estimate"] if aud["estimate"] and np.isfinite(aud["estimate"]) else math.nan
+        rows.append(_row(gen, direction, "transfer ratio", "mean of oracles / audited",
+                         {"estimate": ratio, "ci_low": math.nan, "ci_high": math.nan, "n": aud["n"], "interval": ""}))
+        s = survival[survival["direction"] == direction]
+        for name in J.TRANSFORMS:
+            rows.append(_row(gen, direction, f"flip survival ({name})", "audited", J.rate_row(s[name], level),
+                             "share of audited flips still flips after the transform"))
+        d = per_image[(per_image["generator"] == gen) & (per_image["anchor_label"] == src)
+                      & (per_image["target_label"] == tgt)]
+        rows.append(_row(gen, direction, "out-of-gamut share", "pixels",
+                         J.mean_row(d["out_of_gamut_share"], res, seed + 10 * k + 4, level),
+                         "share of changed pixels with L* or C* outside the real images' 0.5-99.5 % range"))
+        rows.append(_row(gen, direction, "high-frequency ratio", "pixels",
+                         J.mean_row(d["hf_ratio"], res, seed + 10 * k + 5, level),
+                         "HF share of the change / HF share of the anchor (1 = as smooth as the image)"))
+        if closeness is not None:
+            cl = closeness[(closeness["generator"] == gen) & (closeness["anchor_label"] == src)
+                           & (closeness["target_label"] == tgt)]
+            rows.append(_row(gen, direction, "L1 to the anchor", "pixels",
+                             J.mean_row(cl["l1"], res, seed + 10 * k + 6, level)))
+    return rows
+
+
+def _fd_to_reference(ref_mu, ref_sqrt, ref_trace, feats) -> float:
+    """FD of ``feats`` to a fixed reference given its mean, covariance square root and trace (one eigvalsh)."""
+    mu, cov = feats.mean(axis=0), np.cov(feats, rowvar=False)
+    m = ref_sqrt @ cov @ ref_sqrt
+    ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+    d = ref_mu - mu
+    return float(max(d @ d + ref_trace + np.trace(cov) - 2 * np.sqrt(ev).sum(), 0.0))
+
+
+def fd_paired_difference(features: dict, a: str, b: str, resamples: int, seed: int, level: float) -> dict:
+    """FD(a) - FD(b) against the reference features, all counterfactuals of each generator, with a percentile
+    bootstrap over the anchors both generators share (an anchor brings all its counterfactuals)."""
+    from cfaudit.fid import _psd_sqrt
+    from cfaudit.metrics import bootstrap
+
+    ref = np.asarray(features["reference"], dtype=np.float64)
+    ref_mu, ref_cov = ref.mean(axis=0), np.cov(ref, rowvar=False)
+    ref_sqrt, ref_trace = _psd_sqrt(ref_cov), float(np.trace(ref_cov))
+    fa, fb = np.asarray(features[f"gen:{a}"], np.float64), np.asarray(features[f"gen:{b}"], np.float64)
+    ida, idb = features[f"anchor:{a}"].astype(str), features[f"anchor:{b}"].astype(str)
+    shared = sorted(set(ida) & set(idb))
+    rows_a = [np.flatnonzero(ida == x) for x in shared]
+    rows_b = [np.flatnonzero(idb == x) for x in shared]
+
+    def stat(idx):
+        sa = np.concatenate([rows_a[i] for i in idx])
+        sb = np.concatenate([rows_b[i] for i in idx])
+        return {"d": _fd_to_reference(ref_mu, ref_sqrt, ref_trace, fa[sa]) -
+                _fd_to_reference(ref_mu, ref_sqrt, ref_trace, fb[sb])}
+
+    iv = bootstrap(stat, len(shared), resamples, seed, level)["d"]
+    return {"estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": len(shared), "interval": "bootstrap"}
+
+
+def comparison_pairs(generators: list[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs whose paired differences are reported: every method vs the PGD control, and guided vs the
+    other generators."""
+    pairs = [(g, "pgd") for g in generators if g != "pgd" and "pgd" in generators]
+    if "guided" in generators:
+        pairs += [("guided", g) for g in generators if g not in ("guided", "pgd")]
+    return list(dict.fromkeys(pairs))
+
+
+def _paired(values: dict, a: str, b: str, key: list[str], column: str, boot: dict, seed: int) -> dict:
+    m = values[a][key + [column]].merge(values[b][key + [column]], on=key, suffixes=("_a", "_b"))
+    return J.paired_difference(m[f"{column}_a"], m[f"{column}_b"], boot["resamples"], seed, boot["level"])
+
+
+def difference_rows(pairs, consensus: dict, closeness: pd.DataFrame | None, features: dict | None, boot: dict,
+                    seed: int, fd_resamples: int) -> list[dict]:
+    """Paired differences a - b: mean oracle flip rate (per direction and both), L1, and (for guided, the method
+    under test; each resample costs an eigendecomposition) the judge's FD."""
+    rows = []
+    l1 = ({g: d.assign(direction=np.where(d["target_label"] == 1, "b2m", "m2b"))
+           for g, d in closeness[closeness["anchor_label"] != closeness["target_label"]].groupby("generator")}
+          if closeness is not None else {})
+    for p, (a, b) in enumerate(pairs):
+        s = seed + 100 * (p + 1)
+        for k, direction in enumerate([*J.DIRECTIONS, "both"]):
+            ca = consensus[a] if direction == "both" else consensus[a][consensus[a]["direction"] == direction]
+            cb = consensus[b] if direction == "both" else consensus[b][consensus[b]["direction"] == direction]
+            res = _paired({a: ca, b: cb}, a, b, ["anchor_id", "direction"], "flipped", boot, s + k)
+            rows.append({"a": a, "b": b, "direction": direction, "metric": "mean oracle flip rate", **res})
+            if a in l1 and b in l1:
+                la = l1[a] if direction == "both" else l1[a][l1[a]["direction"] == direction]
+                lb = l1[b] if direction == "both" else l1[b][l1[b]["direction"] == direction]
+                res = _paired({a: la, b: lb}, a, b, ["anchor_id", "direction"], "l1", boot, s + 10 + k)
+                rows.append({"a": a, "b": b, "direction": direction, "metric": "L1 to the anchor", **res})
+        if a == "guided" and features is not None and f"gen:{a}" in features and f"gen:{b}" in features:
+            res = fd_paired_difference(features, a, b, fd_resamples, s + 50, boot["level"])
+            rows.append({"a": a, "b": b, "direction": "all counterfactuals", "metric": "judge-feature FD", **res})
+    return rows
+
+
+def _realism_rows(realism_csv) -> list[dict]:
+    """The judge-feature FD/KID of each set from fid.csv (one number per generator, both directions)."""
+    if realism_csv is None:
+        return []
+    t = pd.read_csv(realism_csv, keep_default_na=False, na_values=[""])
+    return [_row(r["set"], "both", r["metric"], "realism", {"estimate": r["value"], "ci_low": math.nan,
+                                                           "ci_high": math.nan, "n": r["n_real"], "interval": ""},
+                 f"vs {r['reference']} ({r.get('reference_images', 'eval')})") for _, r in t.iterrows()]
+
+
+def _pooled(rows: pd.DataFrame, gen: str, metric: str, judge: str) -> float:
+    """Mean over the two directions of a metric's estimates, weighted by their n."""
+    r = rows[(rows["generator"] == gen) & (rows["metric"] == metric) & (rows["judge"] == judge)
+             & (rows["direction"].isin(list(J.DIRECTIONS)))]
+    r = r[np.isfinite(r["estimate"].astype(float)) & (r["n"] > 0)]
+    return float(np.average(r["estimate"], weights=r["n"])) if len(r) else math.nan
+
+
+def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]) -> pd.DataFrame:
+    """One row per generator: the numbers a reader compares, and the verdict."""
+    def est(gen, direction, metric, judge):
+        r = long[(long["generator"] == gen) & (long["direction"] == direction) & (long["metric"] == metric)
+                 & (long["judge"] == judge)]
+        if r.empty:
+            return "—"
+        r = r.iloc[0]
+        if not np.isfinite(r["ci_low"]):
+            return f"{r['estimate']:.3g}"
+        return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+
+    real_oog = _pooled(long, ORIGINAL, "out-of-gamut share", "pixels")
+    fd_metric = next((m for m in long["metric"].unique() if str(m).endswith("FD") or m == "FID"), None)
+    out = []
+    for gen in generators:
+        pgd = diffs[(diffs["a"] == gen) & (diffs["b"] == "pgd") & (diffs["direction"] == "both")
+                    & (diffs["metric"] == "mean oracle flip rate")] if len(diffs) else diffs
+        vs_pgd = pgd.iloc[0].to_dict() if len(pgd) else None
+        surv = np.nanmean([_pooled(long, gen, f"flip survival ({t})", "audited") for t in J.TRANSFORMS])
+        oog = _pooled(long, gen, "out-of-gamut share", "pixels")
+        oracle = _pooled(long, gen, "oracle flip rate", "mean of oracles")
+        row = {"generator": gen}
+        for d, arrow in (("b2m", "b→m"), ("m2b", "m→b")):
+            row[f"audited flip {arrow}"] = est(gen, d, "audited flip rate", "audited")
+            row[f"oracle flip {arrow}"] = est(gen, d, "oracle flip rate", "mean of oracles")
+        row["survival (mean of 3)"] = f"{surv:.2f}" if np.isfinite(surv) else "n/a"
+        row["out-of-gamut"] = f"{oog:.3f}" if np.isfinite(oog) else "n/a"
+        row["HF ratio"] = f"{_pooled(long, gen, 'high-frequency ratio', 'pixels'):.2f}"
+        row[fd_metric or "FD"] = est(gen, "both", fd_metric, "realism") if fd_metric else "—"
+        row["L1"] = f"{_pooled(long, gen, 'L1 to the anchor', 'pixels'):.4f}"
+        row["verdict"] = J.verdict(gen, vs_pgd, surv, oog, real_oog, oracle)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracle_specs: dict, diagnostics_path,
+                closeness_path, realism_csv, features_path, generators, boot: dict, seed: int, fd_resamples: int,
+                out_csv, out_diff, out_md, out_html) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """judges.csv (long), judges_differences.csv (paired a - b), judges.md / judges.html (summary + verdicts)."""
+    from cfaudit.report import table_html
+
+    thr = float(read_spec(spec_path)["threshold"])
+    scores = read_scores(scores_path, anchors_path)
+    oracle_tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
+    oracle_thr = {n: float(read_spec(p)["threshold"]) for n, p in oracle_specs.items()}
+    per_image = pd.read_csv(diagnostics_path, dtype={"anchor_id": str})
+    closeness = pd.read_csv(closeness_path, dtype={"anchor_id": str}) if closeness_path else None
+    rows, consensus = [], {}
+    for pos, gen in enumerate(generators):
+        audited = J.per_anchor_flips(scores, gen, thr)
+        per_oracle = {n: J.per_anchor_flips(t, gen, oracle_thr[n]) for n, t in oracle_tabs.items()}
+        consensus[gen] = J.oracle_consensus(per_oracle) if per_oracle else audited.iloc[0:0]
+        survival = _survival(per_image, audited, gen, thr)
+        rows += generator_rows(gen, audited, per_oracle, consensus[gen], survival, per_image, closeness, boot,
+                               seed + 1000 * (pos + 1))
+    orig = per_image[per_image["generator"] == ORIGINAL]
+    for k, (direction, (src, _)) in enumerate(J.DIRECTIONS.items()):
+        d = orig[orig["anchor_label"] == src]
+        right = (d["score_plain"] > thr) == (src == 1)
+        for name in J.TRANSFORMS:
+            ok = (d[f"score_{name}"] > thr) == (src == 1)
+            rows.append(_row(ORIGINAL, direction, f"correct after ({name})", "audited",
+                             J.rate_row(ok[right].astype(float), boot["level"]),
+                             "share of the correctly classified anchors of this class still correct after the transform"))
+        rows.append(_row(ORIGINAL, direction, "out-of-gamut share", "pixels",
+                         J.mean_row(d["out_of_gamut_share"], boot["resamples"], seed + 7 + k, boot["level"]),
+                         "share of ALL pixels of the real anchors outside the range (the judge's false-alarm rate)"))
+    rows += _realism_rows(realism_csv)
+    long = pd.DataFrame(rows)
+    features = dict(np.load(features_path, allow_pickle=False)) if features_path else None
+    diffs = pd.DataFrame(difference_rows(comparison_pairs(list(generators)), consensus, closeness, features, boot,
+                                         seed, fd_resamples),
+                         columns=["a", "b", "direction", "metric", "estimate", "ci_low", "ci_high", "n", "interval"])
+    summary = summary_table(long, diffs, list(generators))
+    write_csv(long, out_csv)
+    write_csv(diffs, out_diff)
+    notes = judges_notes(oracle_tabs, oracle_specs, boot)
+    _write_text(judges_markdown(summary, diffs, notes), out_md)
+    diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
+                                    zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
+    page = table_html(summary, "Are the counterfactuals semantic?", notes)
+    page = page.replace("</body></html>", table_html(diff_view[["a", "b", "direction", "metric", "value", "n"]],
+                                                      "Paired differences a − b (bootstrap over anchors)")
+                        .split("<body>", 1)[1])
+    _write_text(page, out_html)
+    log.info("judges: %s", dict(zip(summary["generator"], summary["verdict"])))
+    return long, diffs, summary
+
+
+def judges_notes(oracle_tabs: dict, oracle_specs: dict, boot: dict) -> list[str]:
+    names = []
+    for n, p in oracle_specs.items():
+        spec = read_spec(p)
+        auroc = spec.get("provenance", {}).get("oracle", {}).get("auroc", math.nan)
+        names.append(f"{n} ({spec.get('arch')}, input {spec.get('input_size')}, held-out AUROC {auroc:.3f})")
+    return [
+        "Oracles (trained on the train split, never used by a generator): " + ("; ".join(names) or "none") + ".",
+        "Flip rates: Wilson 95 % intervals; an oracle counts an anchor only if it classifies it correctly. 'oracle "
+        "flip' is the mean over oracles per anchor. Transfer ratio = oracle flip / audited flip.",
+        "Survival: share of the audited classifier's flips that stay flips after JPEG q75, Gaussian blur sigma 0.5 px, "
+        "a 1-pixel shift (mean of the three). Out-of-gamut: share of changed pixels whose CIELAB L* or C* lies "
+        "outside the 0.5-99.5 % range of real non-anchor eval images. HF ratio: high-frequency energy share of the "
+        "change over that of the anchor (about 1 = as smooth as the image; pixel noise scores several times more).",
+        f"Differences: paired by anchor, {boot['resamples']}-resample percentile bootstrap (FD: fewer, see the CSV). "
+        "Verdict: 'semantic' only when the oracle flip rate exceeds the PGD control's with the interval above 0.",
+    ]
+
+
+def judges_markdown(summary: pd.DataFrame, diffs: pd.DataFrame, notes: list[str]) -> str:
+    lines = ["# Are the counterfactuals semantic?", ""]
+    lines.append("| " + " | ".join(summary.columns) + " |")
+    lines.append("|---" * len(summary.columns) + "|")
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in summary.itertuples(index=False)]
+    lines += ["", "## Paired differences a − b", "", "| a | b | direction | metric | estimate [95 % CI] | n |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r.a} | {r.b} | {r.direction} | {r.metric} | {r.estimate:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "
+              f"| {r.n} |" for r in diffs.itertuples(index=False)]
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 1's oracle rows
+# ----------------------------------------------------------------------------------------------------------
+def oracle_table1_rows(scores: pd.DataFrame, threshold: float, oracle_tabs: dict, oracle_thr: dict, generators,
+                       boot: dict, seed: int) -> pd.DataFrame:
+    """Rows in Table 1's long format (cfaudit.metrics.TABLE_COLUMNS) per generator: each oracle's flip rate per
+    direction (Wilson), the mean over oracles and its score change toward the target (bootstrap), and the transfer
+    ratio (mean oracle flip rate / audited flip rate)."""
+    from cfaudit.metrics import TABLE_COLUMNS
+
+    level, res = boot["level"], boot["resamples"]
+    out = []
+
+    def add(gen, metric, r, rule, note=""):
+        out.append({"group": gen, "ground_truth": "target label", "metric": metric, "estimate": r["estimate"],
+                    "ci_low": r["ci_low"], "ci_high": r["ci_high"], "ci_level": level,
+                    "resamples": res if r.get("interval") == "bootstrap" else 0,
+                    "resamples_valid": res if r.get("interval") == "bootstrap" else 0, "n_units": r["n"],
+                    "n_images": r["n"], "rule": rule, "note": note})
+
+    for pos, gen in enumerate(generators):
+        audited = J.per_anchor_flips(scores, gen, threshold)
+        per_oracle = {n: J.per_anchor_flips(t, gen, oracle_thr[n]) for n, t in oracle_tabs.items()}
+        if not per_oracle:
+            continue
+        cons = J.oracle_consensus(per_oracle)
+        for k, (direction, arrow) in enumerate((("b2m", "b→m"), ("m2b", "m→b"))):
+            for name, df in per_oracle.items():
+                add(gen, f"oracle flip rate {arrow} [{name}]", J.rate_row(df.loc[df["direction"] == direction, "flipped"],
+                                                                          level), "oracle score > its threshold; Wilson")
+            c = cons[cons["direction"] == direction]
+            mean = J.mean_row(c["flipped"], res, seed + 20 * pos + k, level)
+            add(gen, f"oracle flip rate {arrow} (mean of oracles)", mean, "per-anchor mean over oracles; bootstrap")
+            add(gen, f"oracle score change toward target {arrow} (mean)",
+                J.mean_row(c["delta"], res, seed + 20 * pos + 10 + k, level), "bootstrap over anchors")
+            aud = J.rate_row(audited.loc[audited["direction"] == direction, "flipped"], level)
+            ratio = mean["estimate"] / aud["estimate"] if aud["estimate"] else math.nan
+            add(gen, f"transfer ratio {arrow} (oracle / audited flips)",
+                {"estimate": ratio, "ci_low": math.nan, "ci_high": math.nan, "n": aud["n"]}, "ratio of estimates")
+    return pd.DataFrame(out, columns=TABLE_COLUMNS)
