@@ -258,8 +258,11 @@ def _pooled(rows: pd.DataFrame, gen: str, metric: str, judge: str) -> float:
     return float(np.average(r["estimate"], weights=r["n"])) if len(r) else math.nan
 
 
-def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]) -> pd.DataFrame:
-    """One row per generator: the numbers a reader compares, and the verdict."""
+def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str],
+                  full_fd: dict | None = None) -> pd.DataFrame:
+    """One row per generator: the numbers a reader compares, and the verdict. ``full_fd``: {generator: FD of all
+    its counterfactuals to all reference images} beside the realism rule's class-matched subsample FD (a few
+    outlying counterfactuals can dominate an FD, and a subsample may or may not contain them)."""
     def est(gen, direction, metric, judge):
         r = long[(long["generator"] == gen) & (long["direction"] == direction) & (long["metric"] == metric)
                  & (long["judge"] == judge)]
@@ -288,6 +291,8 @@ def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]
         row["out-of-gamut"] = f"{oog:.3f}" if np.isfinite(oog) else "n/a"
         row["HF ratio"] = f"{_pooled(long, gen, 'high-frequency ratio', 'pixels'):.2f}"
         row[fd_metric or "FD"] = est(gen, "both", fd_metric, "realism") if fd_metric else "—"
+        if full_fd is not None:
+            row["FD, all images"] = f"{full_fd[gen]:.3g}" if gen in full_fd else "—"
         row["L1"] = f"{_pooled(long, gen, 'L1 to the anchor', 'pixels'):.4f}"
         row["verdict"] = J.verdict(gen, vs_pgd, surv, oog, real_oog, oracle)
         out.append(row)
@@ -332,7 +337,13 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     diffs = pd.DataFrame(difference_rows(comparison_pairs(list(generators)), consensus, closeness, features, boot,
                                          seed, fd_resamples),
                          columns=["a", "b", "direction", "metric", "estimate", "ci_low", "ci_high", "n", "interval"])
-    summary = summary_table(long, diffs, list(generators))
+    full_fd = None
+    if features is not None:
+        from cfaudit.fid import fd_from_features
+
+        full_fd = {g: fd_from_features(features["reference"], features[f"gen:{g}"]) for g in generators
+                   if f"gen:{g}" in features}
+    summary = summary_table(long, diffs, list(generators), full_fd)
     write_csv(long, out_csv)
     write_csv(diffs, out_diff)
     notes = judges_notes(oracle_tabs, oracle_specs, boot)
@@ -362,6 +373,9 @@ def judges_notes(oracle_tabs: dict, oracle_specs: dict, boot: dict) -> list[str]
         "a 1-pixel shift (mean of the three). Out-of-gamut: share of changed pixels whose CIELAB L* or C* lies "
         "outside the 0.5-99.5 % range of real non-anchor eval images. HF ratio: high-frequency energy share of the "
         "change over that of the anchor (about 1 = as smooth as the image; pixel noise scores several times more).",
+        "Realism: the realism rule's FD (class-matched subsample at one N, see fid.csv; its 'real train (reference)' "
+        "row is the real-vs-real floor) and 'FD, all images': every counterfactual against every reference image in "
+        "the same features. A few outlying counterfactuals can dominate an FD; when the two disagree, look at them.",
         f"Differences: paired by anchor, {boot['resamples']}-resample percentile bootstrap (FD: fewer, see the CSV). "
         "Verdict: 'semantic' only when the oracle flip rate exceeds the PGD control's with the interval above 0.",
     ]

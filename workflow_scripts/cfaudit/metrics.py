@@ -421,7 +421,9 @@ def table1_wide(table: pd.DataFrame) -> pd.DataFrame:
                 row[g] = "—"
                 continue
             r = sub.loc[g]
-            row[g] = (_fmt(r["estimate"]) if metric == "threshold_fixed" else
+            no_interval = metric == "threshold_fixed" or not (np.isfinite(r["ci_low"]) or np.isfinite(r["ci_high"]))
+            row[g] = (_fmt(r["estimate"], integer) if no_interval and np.isfinite(r["estimate"]) else
+                      _fmt(r["estimate"]) if metric == "threshold_fixed" else
                       f"{_fmt(r['estimate'], integer)} [{_fmt(r['ci_low'], integer)}, {_fmt(r['ci_high'], integer)}]")
         rows.append(row)
     return pd.DataFrame(rows, columns=["metric"] + groups)
