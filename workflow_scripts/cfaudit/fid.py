@@ -347,6 +347,7 @@ def realism_table(real: np.ndarray, sets: dict[str, np.ndarray], extract, *, mod
     ``real`` and each set: uint8 (N, resolution, resolution, 3). ``extract(images) -> (N, D)`` features.
     ``mode``: "fid" (rows FID / KID), "oracle" (oracle-feature FD / KID) or "classifier" (classifier-feature
     FD / KID: the audited classifier's features, not independent of classifier-guided generators).
+    ``features_out``: {set name ("__real__" = the reference): None}; filled with every image's features of those sets.
     Without labels N is ``min(n, len(real), every set's size)`` and each set (and the real set) is subsampled to
     N with a seeded generator. With ``real_labels`` and ``set_labels`` (a label per image: the target for
     counterfactuals) every set and the real reference are drawn class-matched, the same number m of images of
@@ -377,15 +378,20 @@ def realism_table(real: np.ndarray, sets: dict[str, np.ndarray], extract, *, mod
             return stratified_subsample(np.asarray(labels[name]), per_class, rng)
         return subsample(total, n_used, rng)
 
-    # features of every image once (eval mode: per-image), then the subsample; ``features_out`` receives them all
-    feats_all = {"__real__": extract(real), **{name: extract(images) for name, images in sets.items()}}
-    if features_out is not None:
-        features_out.update(feats_all)
-    real_feats = feats_all["__real__"][draw("__real__", len(real))]
+    def features(name: str, images: np.ndarray) -> np.ndarray:
+        """The subsample's features; for a set named in ``features_out`` every image's features are extracted once
+        (eval mode: per image), kept there, and subsampled (same draw, same numbers)."""
+        idx = draw(name, len(images))
+        if features_out is None or name not in features_out:
+            return extract(images[idx])
+        features_out[name] = extract(images)
+        return features_out[name][idx]
+
+    real_feats = features("__real__", real)
     fd_name, kid_name = METRIC_NAMES[mode]
     rows = []
     for pos, (name, images) in enumerate(sets.items()):
-        feats = feats_all[name][draw(name, len(images))]
+        feats = features(name, images)
         fd = fd_from_features(real_feats, feats)
         k_mean, k_std, k_m = kid(real_feats, feats, kid_subsets, kid_subset_size, seed + 1 + pos)
         common = {"set": name, "n_real": n_used, "n_generated": n_used, "n_available": len(images),

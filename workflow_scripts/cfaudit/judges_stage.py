@@ -21,16 +21,9 @@ import pandas as pd
 from cfaudit import judges as J
 from cfaudit.files import write_csv
 from cfaudit.metrics_stage import _write_text, read_scores, read_spec, real_reference_index
+from cfaudit.scoring import ORIGINAL, load_raw
 
 log = logging.getLogger("cfaudit.judges")
-ORIGINAL = "original"
-
-
-def _read_png(path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +64,7 @@ def make_diagnostics(spec_path, index_paths: dict, anchors_path, pack, pack_inde
                                       target_label=anchors["label"], path=anchors["png"]))]
     jobs += [(g, pd.read_csv(p).assign(anchor_id=lambda d: d["anchor_id"].astype(str))) for g, p in index_paths.items()]
     for gen, rows in jobs:
-        images = [anchor_px[a] if gen == ORIGINAL else _read_png(p) for a, p in zip(rows["anchor_id"], rows["path"])]
+        images = [anchor_px[a] if gen == ORIGINAL else load_raw(p) for a, p in zip(rows["anchor_id"], rows["path"])]
         base = [anchor_px[a] for a in rows["anchor_id"]]
         for im, a in zip(images, base):
             if im.shape != a.shape:
@@ -308,7 +301,8 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     thr = float(read_spec(spec_path)["threshold"])
     scores = read_scores(scores_path, anchors_path)
     oracle_tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
-    oracle_thr = {n: float(read_spec(p)["threshold"]) for n, p in oracle_specs.items()}
+    specs = {n: read_spec(p) for n, p in oracle_specs.items()}
+    oracle_thr = {n: float(spec["threshold"]) for n, spec in specs.items()}
     per_image = pd.read_csv(diagnostics_path, dtype={"anchor_id": str})
     closeness = pd.read_csv(closeness_path, dtype={"anchor_id": str}) if closeness_path else None
     rows, consensus = [], {}
@@ -346,7 +340,7 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     summary = summary_table(long, diffs, list(generators), full_fd)
     write_csv(long, out_csv)
     write_csv(diffs, out_diff)
-    notes = judges_notes(oracle_tabs, oracle_specs, boot)
+    notes = judges_notes(specs, boot)
     _write_text(judges_markdown(summary, diffs, notes), out_md)
     diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
                                     zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
@@ -359,10 +353,10 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     return long, diffs, summary
 
 
-def judges_notes(oracle_tabs: dict, oracle_specs: dict, boot: dict) -> list[str]:
+def judges_notes(specs: dict, boot: dict) -> list[str]:
+    """The table's footnotes; ``specs``: {oracle name: its spec (oracle.json)}."""
     names = []
-    for n, p in oracle_specs.items():
-        spec = read_spec(p)
+    for n, spec in specs.items():
         auroc = spec.get("provenance", {}).get("oracle", {}).get("auroc", math.nan)
         names.append(f"{n} ({spec.get('arch')}, input {spec.get('input_size')}, held-out AUROC {auroc:.3f})")
     return [

@@ -238,7 +238,7 @@ def make_realism(status_path, index_paths: dict, pack, pack_index, split, anchor
             labels["real train (reference)"] = train_index["label"].to_numpy(int)
     matched = cfg["reference"] == "class_matched"
     extract, mode, impl, note = _feature_extractor(status, feature_spec, spec_path, cfg, device, torch_home)
-    all_feats: dict[str, np.ndarray] = {}
+    all_feats: dict = dict.fromkeys(["__real__", *index_paths])  # the sets whose per-image features are kept
     table = F.realism_table(real, sets, extract, mode=mode, n=cfg["n"], seed=seed, kid_subsets=cfg["kid_subsets"],
                             kid_subset_size=cfg["kid_subset_size"], resolution=resolution, implementation=impl,
                             note=note, real_labels=real_index["label"].to_numpy(int) if matched else None,

@@ -73,11 +73,10 @@ def run_pgd(*, classifier_spec, guided_index, pack, pack_index, out_index, out_d
     """Rule pgd_counterfactuals: one PGD counterfactual per guided counterfactual; PNGs + index."""
     from pathlib import Path
 
-    from PIL import Image
-
     from cfaudit.classifiers import load_classifier
     from cfaudit.data.pack import float_to_uint8, uint8_to_float
     from cfaudit.diffusion.sdedit import read_anchor_pixels
+    from cfaudit.scoring import load_raw
 
     t_begin = time.perf_counter()
     out_dir = Path(out_dir)
@@ -95,11 +94,7 @@ def run_pgd(*, classifier_spec, guided_index, pack, pack_index, out_index, out_d
     for lo in range(0, len(guided), batch_size):
         rows = guided.iloc[lo:lo + batch_size]
         a_u8 = anchors_u8[lo:lo + batch_size]
-        g_u8 = []
-        for p in rows["path"]:
-            with Image.open(p) as im:
-                g_u8.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-        g_u8 = np.stack(g_u8)
+        g_u8 = np.stack([load_raw(p) for p in rows["path"]])
         if g_u8.shape != a_u8.shape:
             raise ValueError(f"guided counterfactuals in {guided_index} are {g_u8.shape[1:3]} px but the anchors "
                              f"are {a_u8.shape[1:3]} px: PGD needs both at one size; rerun the guided stage")
