@@ -67,15 +67,6 @@ def prov(path):
     return f"{path}.prov.json"
 
 
-def loss_inputs(wildcards):
-    """The loss records this run produces or that exist (a pretrained GAN has none)."""
-    return {
-        name: path
-        for name, path in MET_LOSS_MODELS.items()
-        if os.path.exists(path) or any(r.is_producer(path) for r in workflow.rules)
-    }
-
-
 def gan_checkpoint(wildcards):
     """The generator the counterfactuals come from: the published one, or one trained here."""
     return GAN_PRETRAINED if GAN_CFG["source"] == "pretrained" else rules.train_gan.output.checkpoint

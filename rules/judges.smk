@@ -114,7 +114,8 @@ rule diagnostics:
     params:
         generators=MET_GENERATORS,
         diagnostics={"hf_cutoff": JUDGES["diagnostics"]["hf_cutoff"],
-                     "pixel_change_tolerance": MET["closeness"]["pixel_change_tolerance"]},
+                     "pixel_change_tolerance": MET["closeness"]["pixel_change_tolerance"],
+                     "size": MET["closeness"]["size"]},  # anchor-vs-counterfactual pixels: closeness's size
     threads: job_threads("diagnostics")
     resources:
         **job_resources("diagnostics"),

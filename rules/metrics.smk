@@ -16,7 +16,7 @@ MET_LOSS_MODELS = {
     name: path
     for name, path, gens in [
         ("diffusion", f"{RESULTS}/diffusion/loss.csv", {"diffusion", "guided"}),
-        ("gan", f"{RESULTS}/gan/loss.csv", {"gan"}),
+        ("gan", f"{RESULTS}/gan/loss.csv", {"gan"} if GAN_CFG["source"] == "train" else set()),  # published: none
     ]
     if gens & set(MET_GENERATORS)
 }
@@ -188,7 +188,7 @@ rule score_histograms:
 rule loss_figure:
     """Training-loss curves of the generators' models (seed Figure 6), from results/<model>/loss.csv."""
     input:
-        unpack(loss_inputs),
+        **MET_LOSS_MODELS,
     output:
         png=report(f"{FIGURES_DIR}/training_loss.png", caption="report/loss.rst", category="4. Training",
                    labels={"figure": "training loss"}),

@@ -16,40 +16,14 @@ import torch
 from cfaudit import classifiers as C
 from cfaudit.classifier_training import TrainSettings, heldout_metrics, train_classifier
 from cfaudit.config import load_config
+from fixtures.random_weights import DEEPDERM_KEYS, random_deepderm_state, read_key_list
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = REPO.parent / "shared" / "reference" / "checkpoint-keys" / "deepderm_inception_v3.txt"
-
 torch.set_num_threads(1)
 
 
 def documented_keys() -> list[tuple[str, tuple]]:
-    if not KEYS.exists():
-        pytest.skip(f"reference key list {KEYS} not found")
-    out = []
-    for line in KEYS.read_text().splitlines():
-        name, shape = line.split()
-        out.append((name, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
-    return out
-
-
-def random_deepderm_state(seed: int = 0) -> dict:
-    """A state dict built ONLY from the documented key list (not from our module), with random values."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in documented_keys():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(int(torch.randint(0, 1000, (1,), generator=g)))
-        elif name.endswith("running_var"):
-            state[name] = 0.5 + torch.rand(shape, generator=g)
-        elif name.endswith("running_mean"):
-            state[name] = 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("bn.weight"):
-            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            state[name] = torch.randn(shape, generator=g) / np.sqrt(max(fan_in, 1))
-    return state
+    return read_key_list(DEEPDERM_KEYS)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,22 @@ def test_schema_errors_name_the_key(bad, key, words):
 def test_shipped_config_and_presets_validate():
     for path in [REPO / "config.yaml", *sorted((REPO / "presets").glob("*.yaml"))]:
         load_config(REPO / "config.yaml", path)
+    layered = load_config(REPO / "config.yaml", REPO / "presets/seed.yaml", REPO / "presets/smoke_fullres.yaml")
+    assert layered["image_size"] == 256 and layered["diffusion"]["counterfactual"]["sampler"] == "ddpm"
+
+
+@pytest.mark.parametrize("key", ["guided.use_ema", "diffusion.counterfactual.use_ema"])
+def test_ema_sampling_without_ema_training_is_refused_before_anything_runs(key):
+    section, *rest = key.split(".")
+    override = {"diffusion": {"ema_decay": 0.0, "counterfactual": {"use_ema": False}}, "guided": {"use_ema": False}}
+    node = override[section]
+    for part in rest[:-1]:
+        node = node[part]
+    node[rest[-1]] = True
+    with pytest.raises(ConfigError, match=rf"config key '{key}' is true but diffusion.ema_decay is 0"):
+        load_config(REPO / "config.yaml", overrides=override)
+    override["counterfactuals"] = {"generators": ["gan"]}  # no generator samples the diffusion model: fine
+    load_config(REPO / "config.yaml", overrides=override)
 
 
 def test_deep_update_merges_key_by_key():

@@ -42,6 +42,14 @@ def test_frechet_distance_closed_forms():
         F.frechet_distance([0, 0], np.eye(2), [0], np.eye(1))
 
 
+@pytest.mark.parametrize("n", [12, 40, 300])  # fewer, as many and more samples than dimensions
+def test_fd_to_reference_equals_the_full_formula_for_any_sample_size(n):
+    rng = np.random.default_rng(n)
+    ref = rng.normal(size=(250, 40)) @ rng.normal(size=(40, 40))
+    feats = rng.normal(size=(n, 40)) @ rng.normal(size=(40, 40)) + 0.3
+    assert F.fd_to_reference(ref)(feats) == pytest.approx(F.fd_from_features(ref, feats), rel=1e-7)
+
+
 def test_kid_is_about_zero_for_one_distribution_and_grows():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))

@@ -31,39 +31,10 @@ from cfaudit.gan.checkpoint import (
 from cfaudit.gan.generate import counterfactuals, generate_shard, target_bin
 from cfaudit.gan.networks import PUBLISHED_ARCH, Discriminator, Generator, GeneratorArch, n_parameters
 from cfaudit.gan.training import bce_to_classifier, prob_to_bin, train_gan
+from fixtures.random_weights import GENERATOR_KEYS, random_generator_state, read_key_list
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS_FILE = "reference/checkpoint-keys/derm_audit_generator_299.txt"
 TINY = GeneratorArch(base_channels=4, n_blocks=1, n_bins=10)
-
-
-def published_keys(repo_root) -> list[tuple[str, tuple]]:
-    """(name, shape) of every tensor in the published generator (the reference key list)."""
-    for base in (repo_root.parent / "shared", repo_root / "shared"):
-        path = base / KEYS_FILE
-        if path.exists():
-            break
-    else:
-        pytest.skip(f"{KEYS_FILE} not found beside the repo")
-    out = []
-    for line in path.read_text().split("\n"):
-        if line.strip():
-            name, shape = line.split()
-            out.append((name, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
-    return out
-
-
-def random_published_state(keys, seed=0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in keys:
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(1000, dtype=torch.long)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[name] = torch.randn(shape, generator=g) * 0.05
-    return state
 
 
 class TinyClassifier(nn.Module):
@@ -118,8 +89,8 @@ def embedded(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------------------
 # Published layout
 # ------------------------------------------------------------------------------------------------------------
-def test_key_mapping_is_a_bijection_onto_the_published_key_list(repo_root):
-    keys = published_keys(repo_root)
+def test_key_mapping_is_a_bijection_onto_the_published_key_list():
+    keys = read_key_list(GENERATOR_KEYS)
     own = Generator(PUBLISHED_ARCH).state_dict()
     mapped = {published_name(k): tuple(v.shape) for k, v in own.items()}
     assert mapped == dict(keys)
@@ -127,9 +98,9 @@ def test_key_mapping_is_a_bijection_onto_the_published_key_list(repo_root):
         math.prod(s) for n, s in keys if "running" in n or "tracked" in n) == 11_493_658  # 11.49 M in facts §2
 
 
-def test_random_checkpoint_in_published_layout_loads_and_generates_299(repo_root, tmp_path):
-    keys = published_keys(repo_root)
-    state = random_published_state(keys)
+def test_random_checkpoint_in_published_layout_loads_and_generates_299(tmp_path):
+    keys = read_key_list(GENERATOR_KEYS)
+    state = random_generator_state()
     disc = Discriminator()
     d_opt = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.0, 0.9))
     g_params = [nn.Parameter(torch.zeros(3))]
@@ -157,8 +128,8 @@ def test_random_checkpoint_in_published_layout_loads_and_generates_299(repo_root
     assert out.abs().max() <= 1 and out.std() > 0.01
 
 
-def test_loader_names_missing_unexpected_and_misshaped_keys(repo_root, tmp_path):
-    state = random_published_state(published_keys(repo_root))
+def test_loader_names_missing_unexpected_and_misshaped_keys(tmp_path):
+    state = random_generator_state()
     del state["resblocks.8.layer5.embed_beta.weight"]
     state["resblocks.9.layer1.weight"] = torch.zeros(256, 256, 3, 3)
     state["layer3.embed_gamma.weight"] = torch.zeros(2, 64)
@@ -170,7 +141,7 @@ def test_loader_names_missing_unexpected_and_misshaped_keys(repo_root, tmp_path)
     assert "1 mis-shaped: layer3.embed_gamma.weight (file (2, 64), model (10, 64))" in msg
     # a published checkpoint against a smaller architecture fails the same way, naming the shapes
     with pytest.raises(GANCheckpointError, match="mis-shaped"):
-        from_published(random_published_state(published_keys(repo_root)), GeneratorArch(64, 9, 2), "x.pth")
+        from_published(random_generator_state(), GeneratorArch(64, 9, 2), "x.pth")
 
     torch.save({"model": {}}, tmp_path / "bad.pth")
     with pytest.raises(GANCheckpointError, match=r"entries \['model'\].*'generator'"):
@@ -358,7 +329,7 @@ def test_snakemake_yields_both_targets_for_every_eval_anchor(tmp_path, tiny_conf
 
     # gan.source pretrained: a (random) checkpoint in the published layout, placed from a local path
     ckpt = tmp_path / "deepderm_isic.pth"
-    torch.save({"generator": random_published_state(published_keys(REPO)), "discriminator": {}, "d_opt": {},
+    torch.save({"generator": random_generator_state(), "discriminator": {}, "d_opt": {},
                 "g_opt": {}, "epoch": 499}, ckpt)
     tiny_config["gan"] = {"source": "pretrained", "pretrained": {"local_path": str(ckpt), "sha256": sha256_file(ckpt)}}
     cfg2 = write_config(tmp_path / "pretrained.yaml", tiny_config)

@@ -35,7 +35,26 @@ def validate_config(config: dict) -> dict:
             f"See the config reference in README.md (schema: {SCHEMA.name})."
         ) from None
     fill_defaults(config, _load_schema(SCHEMA))
+    check_ema_use(config)
     return config
+
+
+def check_ema_use(config: dict) -> None:
+    """Refuse, before anything runs, a generator set to sample with EMA weights a training without EMA keeps.
+
+    Without this the mismatch surfaces only after the diffusion model has trained. guided.use_ema null (the
+    default) is resolved here: EMA exactly when diffusion.ema_decay > 0.
+    """
+    if config["guided"]["use_ema"] is None:  # null: EMA exactly when the training keeps it
+        config["guided"]["use_ema"] = config["diffusion"]["ema_decay"] > 0
+    if config["diffusion"]["ema_decay"] > 0:
+        return
+    generators = config["counterfactuals"]["generators"]
+    for key, users in (("diffusion.counterfactual.use_ema", ("diffusion",)),
+                       ("guided.use_ema", ("guided", "guided_noclf"))):
+        if get(config, key) and set(users) & set(generators):
+            raise ConfigError(f"config key '{key}' is true but diffusion.ema_decay is 0, so the diffusion model keeps "
+                              f"no EMA weights: set {key}: false or diffusion.ema_decay > 0 (e.g. 0.995)")
 
 
 def _load_schema(path: Path) -> dict:

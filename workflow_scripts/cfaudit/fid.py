@@ -250,6 +250,33 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum(), 0.0))
 
 
+def fd_to_reference(reference: np.ndarray):
+    """``fd(feats)``: the Fréchet distance of feature sets (N, D) to one fixed reference set, for many subsets.
+
+    Tr sqrt(S_r^1/2 S S_r^1/2) has the non-zero eigenvalues of the N x N matrix B S_r B^T / (N - 1) (B = the
+    centred ``feats``; C C^T and C^T C with C = B S_r^1/2 share them), so for N < D each call costs O(N D^2)
+    instead of the O(D^3) of two D x D products and an eigendecomposition: a paired bootstrap of 2,048-d
+    Inception features over a few hundred counterfactuals takes seconds instead of an hour on a CPU.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    ref_mu, ref_cov = feature_stats(ref)
+    ref_trace, ref_sqrt = float(np.trace(ref_cov)), []
+
+    def fd(feats: np.ndarray) -> float:
+        f = np.asarray(feats, dtype=np.float64)
+        n, b = len(f), f - f.mean(axis=0)
+        if n <= f.shape[1]:
+            m = b @ ref_cov @ b.T / (n - 1)
+        else:
+            ref_sqrt or ref_sqrt.append(_psd_sqrt(ref_cov))
+            m = ref_sqrt[0] @ np.cov(f, rowvar=False) @ ref_sqrt[0]
+        ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+        d = ref_mu - f.mean(axis=0)
+        return float(max(d @ d + ref_trace + (b * b).sum() / (n - 1) - 2 * np.sqrt(ev).sum(), 0.0))
+
+    return fd
+
+
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from cfaudit import judges as J
 from cfaudit.files import write_csv
-from cfaudit.metrics_stage import _write_text, read_scores, read_spec, real_reference_index
+from cfaudit.metrics_stage import _write_text, comparable_pair, read_scores, read_spec, real_reference_index
 from cfaudit.scoring import ORIGINAL, load_raw
 
 log = logging.getLogger("cfaudit.judges")
@@ -65,22 +65,19 @@ def make_diagnostics(spec_path, index_paths: dict, anchors_path, pack, pack_inde
     jobs += [(g, pd.read_csv(p).assign(anchor_id=lambda d: d["anchor_id"].astype(str))) for g, p in index_paths.items()]
     for gen, rows in jobs:
         images = [anchor_px[a] if gen == ORIGINAL else load_raw(p) for a, p in zip(rows["anchor_id"], rows["path"])]
-        base = [anchor_px[a] for a in rows["anchor_id"]]
-        for im, a in zip(images, base):
-            if im.shape != a.shape:
-                raise ValueError(f"{gen}: a counterfactual is {im.shape[:2]} px but its anchor {a.shape[:2]} px; the "
-                                 "diagnostics compare them pixel by pixel (see README, image sizes per stage)")
-        scores = _transformed_scores(clf, images, int(cfg["batch_size"]))
-        gam = [J.out_of_gamut_share(a, im, gamut, tol) for a, im in zip(base, images)]
+        scores = _transformed_scores(clf, images, int(cfg["batch_size"]))  # as stored, each at its own size
+        pairs = [comparable_pair(anchor_px[a], im, cfg.get("size")) for a, im in zip(rows["anchor_id"], images)]
+        gam = [J.out_of_gamut_share(a, im, gamut, tol) for a, im in pairs]
         df = pd.DataFrame({"generator": gen, "anchor_id": rows["anchor_id"].to_numpy(),
                            "anchor_label": rows["anchor_label"].astype(int).to_numpy(),
                            "target_label": rows["target_label"].astype(int).to_numpy(),
                            "out_of_gamut_share": [g[0] for g in gam], "n_changed_pixels": [g[1] for g in gam],
-                           "hf_ratio": [J.high_frequency_ratio(a, im, cutoff) for a, im in zip(base, images)]})
+                           "hf_ratio": [J.high_frequency_ratio(a, im, cutoff) for a, im in pairs],
+                           "compared_at": [a.shape[0] for a, _ in pairs]})
         for name, s in scores.items():
             df[f"score_{name}"] = s
         if gen == ORIGINAL:  # real pixels outside the real range: the baseline of the gamut judge
-            light, chroma = J.lightness_chroma(np.stack(images))
+            light, chroma = J.lightness_chroma(np.stack([a for a, _ in pairs]))
             outside = ((light < gamut["L_low"]) | (light > gamut["L_high"]) | (chroma < gamut["C_low"])
                        | (chroma > gamut["C_high"]))
             df["out_of_gamut_share"] = outside.reshape(len(images), -1).mean(axis=1)
@@ -88,7 +85,8 @@ def make_diagnostics(spec_path, index_paths: dict, anchors_path, pack, pack_inde
     per_image = pd.concat(frames, ignore_index=True)
     write_csv(per_image, out_per_image)
     Path(out_gamut).write_text(json.dumps({**gamut, "threshold": clf.threshold, "classifier": clf.name,
-                                           "pixel_change_tolerance": tol, "hf_cutoff": cutoff}, indent=2))
+                                           "pixel_change_tolerance": tol, "hf_cutoff": cutoff,
+                                           "compared_at": cfg.get("size") or "anchor size"}, indent=2))
     log.info("diagnostics: %d rows; real gamut L* [%.1f, %.1f], C* [%.1f, %.1f]", len(per_image), gamut["L_low"],
              gamut["L_high"], gamut["C_low"], gamut["C_high"])
     return per_image
@@ -159,24 +157,13 @@ def generator_rows(gen: str, audited: pd.DataFrame, oracles: dict[str, pd.DataFr
     return rows
 
 
-def _fd_to_reference(ref_mu, ref_sqrt, ref_trace, feats) -> float:
-    """FD of ``feats`` to a fixed reference given its mean, covariance square root and trace (one eigvalsh)."""
-    mu, cov = feats.mean(axis=0), np.cov(feats, rowvar=False)
-    m = ref_sqrt @ cov @ ref_sqrt
-    ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
-    d = ref_mu - mu
-    return float(max(d @ d + ref_trace + np.trace(cov) - 2 * np.sqrt(ev).sum(), 0.0))
-
-
 def fd_paired_difference(features: dict, a: str, b: str, resamples: int, seed: int, level: float) -> dict:
     """FD(a) - FD(b) against the reference features, all counterfactuals of each generator, with a percentile
     bootstrap over the anchors both generators share (an anchor brings all its counterfactuals)."""
-    from cfaudit.fid import _psd_sqrt
+    from cfaudit.fid import fd_to_reference
     from cfaudit.metrics import bootstrap
 
-    ref = np.asarray(features["reference"], dtype=np.float64)
-    ref_mu, ref_cov = ref.mean(axis=0), np.cov(ref, rowvar=False)
-    ref_sqrt, ref_trace = _psd_sqrt(ref_cov), float(np.trace(ref_cov))
+    fd = fd_to_reference(features["reference"])
     fa, fb = np.asarray(features[f"gen:{a}"], np.float64), np.asarray(features[f"gen:{b}"], np.float64)
     ida, idb = features[f"anchor:{a}"].astype(str), features[f"anchor:{b}"].astype(str)
     shared = sorted(set(ida) & set(idb))
@@ -186,8 +173,7 @@ def fd_paired_difference(features: dict, a: str, b: str, resamples: int, seed: i
     def stat(idx):
         sa = np.concatenate([rows_a[i] for i in idx])
         sb = np.concatenate([rows_b[i] for i in idx])
-        return {"d": _fd_to_reference(ref_mu, ref_sqrt, ref_trace, fa[sa]) -
-                _fd_to_reference(ref_mu, ref_sqrt, ref_trace, fb[sb])}
+        return {"d": fd(fa[sa]) - fd(fb[sb])}
 
     iv = bootstrap(stat, len(shared), resamples, seed, level)["d"]
     return {"estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": len(shared), "interval": "bootstrap"}

@@ -100,10 +100,23 @@ def _read_rgb(path, size: int | None):
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im)
+        return comparable_pair(np.asarray(im.convert("RGB")), None, size)[0]
+
+
+def comparable_pair(anchor: np.ndarray, other: np.ndarray | None, size: int | None):
+    """(anchor, other) as uint8 arrays of one shape for pixel-by-pixel comparison (PIL bicubic).
+
+    ``size`` (metrics.closeness.size) brings both to size x size; None keeps the anchor's size and brings
+    ``other`` to it. Generators write at different sizes (a published GAN at the classifier's 299 px, the
+    diffusion models at image_size): closeness and the diagnostics compare at the same, recorded size.
+    """
+    from PIL import Image
+
+    def to(im, hw):
+        return im if im.shape[:2] == hw else np.asarray(Image.fromarray(im).resize(hw[::-1], Image.BICUBIC))
+
+    hw = anchor.shape[:2] if size is None else (int(size), int(size))
+    return to(anchor, hw), (None if other is None else to(other, hw))
 
 
 def make_closeness(index_paths: dict, anchors_path, cfg: dict, bootstrap: dict, seed: int, out_summary,
@@ -129,11 +142,7 @@ def make_closeness(index_paths: dict, anchors_path, cfg: dict, bootstrap: dict, 
             if a is None:
                 a = cache[r.anchor_id] = _read_rgb(anchor_png[r.anchor_id], cfg["size"])
                 read.append(anchor_png[r.anchor_id])
-            c = _read_rgb(r.path, a.shape[0] if cfg["size"] is None else cfg["size"])
-            if c.shape != a.shape:  # non-square anchors: bring the counterfactual to the anchor's exact size
-                from PIL import Image
-
-                c = np.asarray(Image.fromarray(c).resize(a.shape[1::-1], Image.BICUBIC))
+            c = comparable_pair(a, _read_rgb(r.path, None), None)[1]
             read.append(r.path)
             m = M.closeness(a, c, cfg["pixel_change_tolerance"], cfg["ssim_window"], cfg["ssim_sigma"])
             rows.append({"generator": gen, "anchor_id": r.anchor_id, "anchor_label": int(r.anchor_label),

@@ -4,7 +4,7 @@ downloaded weights.
 A checkpoint file is a dict ``{generator, discriminator, d_opt, g_opt, epoch}`` of state dicts, optimiser
 states and the index of the last finished epoch (the published files, Zenodo record 10049217). The
 ``generator`` entry uses the reference code's module names (``layer2``, ``layer5.layer1``,
-``resblocks.3.layer4`` ...; the full list is ../shared/reference/checkpoint-keys/derm_audit_generator_299.txt).
+``resblocks.3.layer4`` ...; the full list is tests/fixtures/checkpoint_keys/derm_audit_generator_299.txt).
 This project's :class:`~cfaudit.gan.networks.Generator` names its modules differently (``stem``, ``down.0``,
 ``blocks.3.conv2`` ...); :func:`published_name` maps one onto the other. Checkpoints written by
 ``train_gan`` use the same published layout for ``generator`` (so one loader reads both) and add a
@@ -100,7 +100,7 @@ def from_published(state: dict, arch: GeneratorArch, source: str = "<checkpoint>
             f"{len(expected)} tensors expected, the file has {len(state)}). " + "; ".join(parts) + ". "
             "A published DeGrave et al. generator needs the published architecture (64 channels, 9 residual "
             "blocks, 10 bins); check that the file is a generator checkpoint of that layout "
-            "(../shared/reference/checkpoint-keys/derm_audit_generator_299.txt)."
+            "(tests/fixtures/checkpoint_keys/derm_audit_generator_299.txt)."
         )
     return {own: state[p] for p, (own, _) in expected.items()}
 
