@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CORES ?= all
 
-.PHONY: install demo smoke-fullres test test-fast lint dag clean-results benchmark
+.PHONY: install demo smoke-fullres test test-acceptance test-fast lint dag clean-results benchmark
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
-	$(BIN)/snakemake --cores $(CORES) --report results/report.html --report-metadata rules/report/metadata.yaml
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 
 # The seed's configuration (presets/seed.yaml: 256 px, ContextUnet, SDEdit/DDPM) with DeepDerm at 299 and the
 # published GAN layout, as one DAG on the embedded data, with RANDOM weights in the published layouts placed
@@ -30,10 +30,14 @@ smoke-fullres: $(STAMP)
 	$(BIN)/python tests/fixtures/random_weights.py $(SMOKE)/weights
 	$(BIN)/snakemake --cores $(CORES) --directory $(SMOKE) --configfile $(SMOKE_CONFIG)
 	$(BIN)/snakemake --cores $(CORES) --directory $(SMOKE) --configfile $(SMOKE_CONFIG) \
-		--report $(CURDIR)/$(SMOKE)/results/report.html --report-metadata $(CURDIR)/rules/report/metadata.yaml
+		--report $(CURDIR)/$(SMOKE)/results/report.html
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25 -m "not acceptance"
+
+# Acceptance runs on the demo's full config (the trait analysis on the learned guided generator, ~6 min).
+test-acceptance: $(STAMP)
+	$(BIN)/python -m pytest -ra -m acceptance
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow and not cluster"

@@ -26,12 +26,14 @@ include: "rules/data.smk"
 
 include: "rules/classifier.smk"
 include: "rules/scoring.smk"
+include: "rules/counterfactuals.smk"  # one gather rule for the sharded generators
 include: "rules/diffusion.smk"
 include: "rules/gan.smk"
 include: "rules/guided.smk"
 include: "rules/traits.smk"
-include: "rules/metrics.smk"  # after the stages: it reads their rules and sets the report's front page
+include: "rules/metrics.smk"  # after the stages: it reads their rules
 include: "rules/judges.smk"  # oracles, diagnostics, the PGD control; reads the metrics rules
+include: "rules/report.smk"  # last: the report's landing page (run identity) takes every deliverable
 
 
 rule all:

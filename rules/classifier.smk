@@ -6,6 +6,8 @@ CLF = config["classifier"]
 CLF_KIND = CLF["kind"]
 CLF_DIR = f"{RESULTS}/classifier"
 WEIGHTS_DIR = "resources/weights"
+CLF_SOURCES = {k: {s: CLF[k][s] for s in ("url", "local_path", "sha256")} for k in ("deepderm", "checkpoint")}
+CLF_TRAINING = result_settings(config, "classifier.trained", drop=("threshold", "seed"))
 
 
 localrules:
@@ -19,7 +21,7 @@ rule place_classifier_weights:
     wildcard_constraints:
         kind="deepderm|checkpoint",
     params:
-        source=lambda wc: {k: CLF[wc.kind][k] for k in ("url", "local_path", "sha256", "retries", "timeout_s")},
+        source=lambda wc: CLF_SOURCES[wc.kind],
     conda:
         CONDA_ENV
     log:
@@ -39,10 +41,10 @@ rule train_classifier:
         heldout=f"{CLF_DIR}/trained/heldout.json",
         history=f"{CLF_DIR}/trained/history.csv",
         eval_scores=f"{CLF_DIR}/trained/eval_scores.csv",
+        prov=prov(f"{CLF_DIR}/trained/heldout.json"),
     params:
-        trained={k: v for k, v in CLF["trained"].items() if k not in ("threshold", "seed")},
-        seed=CLF["trained"]["seed"] if CLF["trained"]["seed"] is not None else config["seed"],
-        compute=config["compute"],
+        trained=CLF_TRAINING,
+        seed=seed_of(CLF["trained"]["seed"]),
     threads: job_threads("train_classifier")
     resources:
         **job_resources("train_classifier"),
@@ -62,8 +64,10 @@ rule classifier_spec:
         unpack(classifier_spec_inputs),
     output:
         spec=CLASSIFIER_SPEC,
+        prov=prov(CLASSIFIER_SPEC),
     params:
-        classifier={"kind": CLF_KIND, "score_space": CLF["score_space"], CLF_KIND: CLF[CLF_KIND]},
+        classifier={"kind": CLF_KIND, "score_space": CLF["score_space"],
+                    CLF_KIND: result_settings(config, f"classifier.{CLF_KIND}")},
     conda:
         CONDA_ENV
     log:

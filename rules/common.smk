@@ -1,6 +1,9 @@
 from snakemake.exceptions import WorkflowError
 
-# Shared paths and helpers for every rules file.
+from cfaudit.config import result_settings
+
+# Shared paths, constants and helpers for every rules file. Rule params hold only settings that can change the
+# rule's outputs (cfaudit.config.RUN_ONLY_KEYS lists those that cannot; scripts read them at run time).
 
 RESULTS = "results"
 DATA = f"{RESULTS}/data"
@@ -8,7 +11,13 @@ LOGS = "logs"
 BENCH = "benchmarks"
 
 CLASSIFIER_SPEC = f"{RESULTS}/classifier/classifier.json"  # the classifier contract every consumer loads
-SCORES = f"{RESULTS}/scores/scores.csv"
+SCORES_DIR = f"{RESULTS}/scores"
+SCORES = f"{SCORES_DIR}/scores.csv"  # every generator's scores + the originals' (gather_scores)
+CF_DIR = f"{RESULTS}/counterfactuals"
+GENERATORS = list(config["counterfactuals"]["generators"])
+SHARDS = list(range(config["counterfactuals"]["shards"]))
+SHARDED_GENERATORS = [g for g in ("gan", "diffusion", "guided", "guided_noclf") if g in GENERATORS]
+ORIGINAL = "original"  # the originals' share of the score tables (cfaudit.scoring.ORIGINAL)
 
 # Each rules file appends the deliverables it adds to `rule all`.
 ALL_TARGETS = []
@@ -62,9 +71,20 @@ def classifier_spec_inputs(wildcards):
     return {"weights": f"{WEIGHTS_DIR}/{CLF_KIND}.pth"}
 
 
-def prov(path):
-    """The provenance sidecar of an output (declared so Snakemake tracks and cleans it)."""
-    return f"{path}.prov.json"
+def prov(*paths):
+    """The provenance sidecar(s) of outputs (declared so Snakemake tracks and cleans them); one path -> a str."""
+    sidecars = [f"{p}.prov.json" for p in paths]
+    return sidecars[0] if len(sidecars) == 1 else sidecars
+
+
+def seed_of(value):
+    """A stage's seed: its own setting, or the top-level seed when that is null."""
+    return config["seed"] if value is None else value
+
+
+def cf_index(generator):
+    """The one index of a generator's counterfactuals (what scoring, metrics and traits read)."""
+    return f"{CF_DIR}/{generator}/index.csv"
 
 
 def gan_checkpoint(wildcards):

@@ -28,8 +28,9 @@ rule isic_download:
     output:
         download=directory(f"{ISIC}/download"),
         manifest=f"{ISIC}/manifest.csv",
+        prov=prov(f"{ISIC}/manifest.csv"),
     params:
-        isic=config["dataset"]["isic"],
+        isic=result_settings(config, "dataset.isic"),
     conda:
         CONDA_ENV
     log:
@@ -49,6 +50,7 @@ rule ground_truth:
     params:
         source=config["dataset"]["source"],
         folder=config["dataset"]["folder"],
+        group_column=config["split"]["group_column"],
     conda:
         CONDA_ENV
     log:
@@ -81,11 +83,14 @@ rule resize:
 
 
 rule split:
-    """Seeded, stratified train / eval split of the usable images."""
+    """Seeded, stratified train / eval split of the usable images; each lesion/patient group on one side."""
     input:
         index=rules.resize.output.index,
+        ground_truth=rules.ground_truth.output.table,
+        label_report=rules.ground_truth.output.report,
     output:
         split=f"{DATA}/split.csv",
+        report=f"{DATA}/split_report.json",
     params:
         eval_fraction=config["split"]["eval_fraction"],
         seed=config["seed"],

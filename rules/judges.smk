@@ -2,13 +2,17 @@
 # An oracle is trained on the train split with another architecture and seed than the audited classifier and is
 # NEVER an input of a generator rule (tests/test_judges.py checks the DAG). The PGD control and guided_noclf
 # (rules/guided.smk) are generators in every table, so a reader compares the guided method with them.
-# train_oracle (one job per oracle) -> score_oracle -> judges; diagnostics (audited classifier under JPEG, blur,
+# train_oracle (one job per oracle) -> score_oracle (one job per oracle and generator) -> gather_oracle_scores -> judges; diagnostics (audited classifier under JPEG, blur,
 # shift; gamut; high frequencies) -> judges -> results/metrics/judges.{csv,md,html}.
 # The device (config `compute`) is read by the new scripts at run time, not a param: it cannot change a result.
 from cfaudit.oracles import oracle_recipe
 
 # ORACLES / ORACLE_DIR: rules/metrics.smk (the realism rule reads the first oracle's spec)
 JUDGES = MET["judges"]
+# an oracle's training recipe without its inference batch size (run-only; the script reads it at run time)
+ORACLE_RECIPES = {name: {k: v for k, v in oracle_recipe(config, entry).items() if k != "eval_batch_size"}
+                  for name, entry in ORACLES.items()}
+ORACLE_SEEDS = {name: int(entry["seed"]) for name, entry in ORACLES.items()}
 CONTROL_GENERATORS = ("pgd", "guided_noclf")
 if "pgd" in MET_GENERATORS and "guided" not in MET_GENERATORS:
     raise WorkflowError("counterfactuals.generators lists 'pgd' without 'guided': the PGD control takes its mask and "
@@ -27,12 +31,13 @@ rule train_oracle:
         history=f"{ORACLE_DIR}/{{oracle}}/history.csv",
         eval_scores=f"{ORACLE_DIR}/{{oracle}}/eval_scores.csv",
         spec=f"{ORACLE_DIR}/{{oracle}}/oracle.json",
+        prov=prov(f"{ORACLE_DIR}/{{oracle}}/heldout.json", f"{ORACLE_DIR}/{{oracle}}/oracle.json"),
     wildcard_constraints:
         oracle="|".join(ORACLES) or "NO_ORACLE",
     params:
         name=lambda wc: wc.oracle,
-        recipe=lambda wc: oracle_recipe(config, ORACLES[wc.oracle]),
-        seed=lambda wc: int(ORACLES[wc.oracle]["seed"]),
+        recipe=lambda wc: ORACLE_RECIPES[wc.oracle],
+        seed=lambda wc: ORACLE_SEEDS[wc.oracle],
     threads: job_threads("train_oracle")
     resources:
         **job_resources("train_oracle"),
@@ -47,44 +52,67 @@ rule train_oracle:
 
 
 rule score_oracle:
-    """One oracle's scores of the anchors and of every generator's counterfactuals (same contract as scores.csv)."""
+    """One oracle's scores of the anchors ({generator}=original) or of one generator's counterfactuals."""
     input:
         spec=rules.train_oracle.output.spec,
         anchors=rules.anchors.output.anchors,
         pack_index=rules.resize.output.index,
         split=rules.split.output.split,
-        indexes=MET_CF_INDEXES,
+        indexes=lambda wc: [] if wc.generator == ORIGINAL else [cf_index(wc.generator)],
     output:
-        scores=f"{ORACLE_DIR}/{{oracle}}/scores.csv",
+        scores=f"{ORACLE_DIR}/{{oracle}}/scores/{{generator}}.csv",
+        prov=prov(f"{ORACLE_DIR}/{{oracle}}/scores/{{generator}}.csv"),
     wildcard_constraints:
         oracle="|".join(ORACLES) or "NO_ORACLE",
+        generator="|".join([ORIGINAL, *GENERATORS]),
     params:
-        scoring={**config["classifier"]["scoring"], "originals": "anchors"},
-        generators=MET_GENERATORS,
-        compute=config["compute"],
+        scoring={**SCORING, "originals": "anchors"},
     threads: job_threads("score_oracle")
     resources:
         **job_resources("score_oracle"),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/judges/score_oracle_{{oracle}}.log",
+        f"{LOGS}/judges/score_oracle_{{oracle}}_{{generator}}.log",
     script:
         entry_script("score.py")
+
+
+localrules:
+    gather_oracle_scores,
+
+
+rule gather_oracle_scores:
+    """One oracle's score table (the anchors and every generator), same contract as results/scores/scores.csv."""
+    input:
+        parts=expand(f"{ORACLE_DIR}/{{oracle}}/scores/{{generator}}.csv", generator=[ORIGINAL, *GENERATORS],
+                     allow_missing=True),
+    output:
+        scores=f"{ORACLE_DIR}/{{oracle}}/scores.csv",
+        prov=prov(f"{ORACLE_DIR}/{{oracle}}/scores.csv"),
+    wildcard_constraints:
+        oracle="|".join(ORACLES) or "NO_ORACLE",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/judges/gather_oracle_scores_{{oracle}}.log",
+    script:
+        entry_script("gather_scores.py")
 
 
 rule pgd_counterfactuals:
     """The PGD control: masked L2 PGD on the audited classifier with each guided counterfactual's mask and budget."""
     input:
         classifier=CLASSIFIER_SPEC,
-        guided=f"{RESULTS}/counterfactuals/guided/index.csv",
+        guided=cf_index("guided"),
         pack=rules.resize.output.pack,
         index=rules.resize.output.index,
     output:
-        index=f"{RESULTS}/counterfactuals/pgd/index.csv",
+        index=cf_index("pgd"),
+        images=directory(f"{CF_DIR}/pgd/images"),
+        prov=prov(cf_index("pgd")),
     params:
-        out_dir=f"{RESULTS}/counterfactuals/pgd/images",
-        pgd={k: v for k, v in JUDGES["pgd"].items() if k != "batch_size"},  # the batch size changes no pixel
+        pgd=result_settings(config, "metrics.judges.pgd"),  # without the batch size: it changes no pixel
     threads: job_threads("pgd_counterfactuals")
     resources:
         **job_resources("pgd_counterfactuals"),
@@ -133,7 +161,7 @@ rule judges:
         scores=SCORES,
         anchors=rules.anchors.output.anchors,
         spec=CLASSIFIER_SPEC,
-        oracle_scores=expand(rules.score_oracle.output.scores, oracle=list(ORACLES)),
+        oracle_scores=expand(rules.gather_oracle_scores.output.scores, oracle=list(ORACLES)),
         oracle_specs=expand(rules.train_oracle.output.spec, oracle=list(ORACLES)),
         diagnostics=rules.diagnostics.output.per_image,
         closeness=rules.closeness.output.per_image,
@@ -145,7 +173,7 @@ rule judges:
         md=f"{METRICS_DIR}/judges.md",
         html=report(f"{METRICS_DIR}/judges.html", caption="report/judges.rst",
                     category="1. Table 1", labels={"table": "Are the counterfactuals semantic?"}),
-        prov=[prov(f"{METRICS_DIR}/judges.{ext}") for ext in ("csv", "md", "html")],
+        prov=prov(*[f"{METRICS_DIR}/judges{ext}" for ext in (".csv", "_differences.csv", ".md", ".html")]),
     params:
         oracles=list(ORACLES),
         generators=MET_GENERATORS,

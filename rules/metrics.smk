@@ -1,16 +1,18 @@
 # Metrics stage: Table 1, closeness, realism (FID/KID or classifier-feature FD/KID), the seed's figures and
 # the HTML report's captions. Every table and figure gets a <file>.prov.json sidecar (cfaudit/provenance.py).
 # Params hold only metrics.* values (+ the generator list), so changing a metrics key reruns only these rules.
-# Report: snakemake --report results/report.html --report-metadata rules/report/metadata.yaml
-from cfaudit.report import export_run_identity
+# Report: snakemake --report results/report.html (landing page: rules/report.smk)
 
 METRICS_DIR = f"{RESULTS}/metrics"
 FIGURES_DIR = f"{RESULTS}/figures"
 FID_TORCH_HOME = "resources/torch_home"
 MET = config["metrics"]
-MET_GENERATORS = list(config["counterfactuals"]["generators"])
-MET_SEED = MET["bootstrap"]["seed"] if MET["bootstrap"]["seed"] is not None else config["seed"]
-MET_CF_INDEXES = expand(f"{RESULTS}/counterfactuals/{{g}}/index.csv", g=MET_GENERATORS)
+MET_GENERATORS = GENERATORS
+MET_SEED = seed_of(MET["bootstrap"]["seed"])
+MET_CF_INDEXES = [cf_index(g) for g in MET_GENERATORS]
+MET_FID = result_settings(config, "metrics.fid")  # without download timeout and batch size
+MET_FID_PLACEMENT = {k: MET_FID[k] for k in ("weights_path", "weights_url", "check_hash")}
+MET_FID_RESOLUTION = MET["fid"]["resolution"] or config["image_size"]
 # Training-loss records (seed Figure 6) of the models behind the configured generators.
 MET_LOSS_MODELS = {
     name: path
@@ -28,13 +30,6 @@ ORACLES = check_oracles(config)  # refuses an oracle that shares the audited cla
 ORACLE_DIR = f"{RESULTS}/oracles"
 REALISM_ORACLE_SPEC = [f"{ORACLE_DIR}/{name}/oracle.json" for name in ORACLES][:1]
 
-# Front page of `snakemake --report`: the git commit and config hash for rules/report/metadata.yaml.
-export_run_identity(config)
-
-
-report: "report/workflow.rst"
-
-
 localrules:
     place_fid_weights,
 
@@ -44,7 +39,7 @@ rule place_fid_weights:
     output:
         status=f"{FID_TORCH_HOME}/fid_weights.json",
     params:
-        fid={k: MET["fid"][k] for k in ("weights_path", "weights_url", "check_hash", "download_timeout_s")},
+        fid=MET_FID_PLACEMENT,
     conda:
         CONDA_ENV
     log:
@@ -123,8 +118,8 @@ rule realism:
         prov=[prov(f"{METRICS_DIR}/fid.csv"), prov(f"{METRICS_DIR}/fid.html")],
     params:
         generators=MET_GENERATORS,
-        fid={k: v for k, v in MET["fid"].items() if k not in ("download_timeout_s",)},
-        resolution=MET["fid"]["resolution"] or config["image_size"],
+        fid=MET_FID,
+        resolution=MET_FID_RESOLUTION,
         seed=MET_SEED,
     threads: job_threads("fid")
     resources:
@@ -142,7 +137,7 @@ rule realism:
 rule curve_figures:
     """Precision-recall and ROC curves of one generator's counterfactuals, originals for reference (seed Figs 7-10)."""
     input:
-        scores=SCORES,
+        scores=[f"{SCORES_DIR}/{ORIGINAL}.csv", f"{SCORES_DIR}/{{generator}}.csv"],
         anchors=rules.anchors.output.anchors,
         spec=CLASSIFIER_SPEC,
     output:

@@ -13,10 +13,9 @@ TRAITS_CONTROL = TRAITS["positive_control"] and config["dataset"]["source"] == "
 TRAITS_GENERATORS = [g for g in config["counterfactuals"]["generators"] if g not in ("pgd", "guided_noclf")] + (
     ["planted_shift"] if TRAITS_CONTROL else []
 )
-TRAITS_CF_INDEXES = [
-    f"{TRAITS_DIR}/planted_shift/index.csv" if g == "planted_shift" else f"{RESULTS}/counterfactuals/{g}/index.csv"
-    for g in TRAITS_GENERATORS
-]
+TRAITS_CF_INDEXES = {g: f"{TRAITS_DIR}/planted_shift/index.csv" if g == "planted_shift" else cf_index(g)
+                     for g in TRAITS_GENERATORS}
+TRAITS_FEATURES = {k: TRAITS[k] for k in ("originals", "segmentation", "colours", "skin")}
 TRAITS_CATEGORY = "5. Trait analysis"
 
 
@@ -27,6 +26,7 @@ rule traits_planted_shift:
         metadata=f"{SYNTH}/metadata.csv",
     output:
         index=f"{TRAITS_DIR}/planted_shift/index.csv",
+        images=directory(f"{TRAITS_DIR}/planted_shift/images"),
     params:
         seed=config["seed"],
         synth_size=config["dataset"]["synthetic"]["size"],
@@ -42,38 +42,59 @@ rule traits_planted_shift:
 
 
 rule traits_features:
-    """Segmentation + per-image features of the anchors (and other originals) and of every counterfactual."""
+    """Segmentation + per-image features of the anchors and other originals ({part}=original) or of one generator's
+    counterfactuals (each measured against its anchor's mask)."""
     input:
         anchors=rules.anchors.output.anchors,
         pack_index=rules.resize.output.index,
         split=rules.split.output.split,
-        indexes=TRAITS_CF_INDEXES,
+        indexes=lambda wc: [] if wc.part == ORIGINAL else [TRAITS_CF_INDEXES[wc.part]],
     output:
-        features=f"{TRAITS_DIR}/features.csv",
-        prov=f"{TRAITS_DIR}/features.csv.prov.json",
+        features=f"{TRAITS_DIR}/features/{{part}}.csv",
+        prov=prov(f"{TRAITS_DIR}/features/{{part}}.csv"),
+    wildcard_constraints:
+        part="|".join([ORIGINAL, *TRAITS_GENERATORS]),
     params:
-        generators=TRAITS_GENERATORS,
-        originals=TRAITS["originals"],
-        segmentation=TRAITS["segmentation"],
-        colours=TRAITS["colours"],
-        skin=TRAITS["skin"],
+        features=TRAITS_FEATURES,
     threads: job_threads("traits_features")
     resources:
         **job_resources("traits_features"),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/traits/features.log",
+        f"{LOGS}/traits/features_{{part}}.log",
     benchmark:
-        f"{BENCH}/traits_features.tsv"
+        f"{BENCH}/traits_features_{{part}}.tsv"
     script:
         entry_script("traits_features.py")
+
+
+localrules:
+    gather_traits_features,
+
+
+rule gather_traits_features:
+    """features.csv: the anchors, each followed by its counterfactuals, then the other originals."""
+    input:
+        parts=expand(rules.traits_features.output.features, part=[ORIGINAL, *TRAITS_GENERATORS]),
+        anchors=rules.anchors.output.anchors,
+    output:
+        features=f"{TRAITS_DIR}/features.csv",
+        prov=prov(f"{TRAITS_DIR}/features.csv"),
+    params:
+        generators=TRAITS_GENERATORS,
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/traits/gather_features.log",
+    script:
+        entry_script("gather_traits_features.py")
 
 
 rule traits:
     """Paired tests (Wilcoxon, Holm, bootstrap CIs, effect sizes) per generator and direction, the ranked table and the figures."""
     input:
-        features=rules.traits_features.output.features,
+        features=rules.gather_traits_features.output.features,
     output:
         paired=f"{TRAITS_DIR}/paired_stats.csv",
         labels=f"{TRAITS_DIR}/label_stats.csv",
@@ -91,9 +112,8 @@ rule traits:
                    category=TRAITS_CATEGORY, labels={"figure": f"largest changes: {g}"})
             for g in TRAITS_GENERATORS
         ],
-        prov=[
-            f"{p}.prov.json"
-            for p in [
+        prov=prov(
+            *[
                 f"{TRAITS_DIR}/paired_stats.csv",
                 f"{TRAITS_DIR}/label_stats.csv",
                 f"{TRAITS_DIR}/ranked.md",
@@ -103,7 +123,7 @@ rule traits:
                 f"{TRAITS_FIG}/traits_segmentation.png",
             ]
             + [f"{TRAITS_FIG}/traits_examples_{g}.png" for g in TRAITS_GENERATORS]
-        ],
+        ),
     params:
         generators=TRAITS_GENERATORS,
         seed=config["seed"],
@@ -118,4 +138,4 @@ rule traits:
         entry_script("traits.py")
 
 
-ALL_TARGETS.extend([*rules.traits_features.output, *rules.traits.output])
+ALL_TARGETS.extend([*rules.gather_traits_features.output, *rules.traits.output])

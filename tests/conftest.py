@@ -87,3 +87,34 @@ def scheduled_jobs(proc) -> dict:
             elif parts and parts[0] == "total":
                 started = False
     return out
+
+
+# Every stage on the embedded data at 32 px (all five generators, two oracles, traits): ~70 jobs, about five
+# minutes on 2 cores. Run once per session (all_stages_run) and shared by the tests of the rerun scope, declared
+# outputs, determinism, the report and the judges' stage.
+ALL_STAGES_TINY = {
+    "seed": 7,
+    "image_size": 32,
+    "dataset": {"source": "synthetic", "synthetic": {"n_images": 40, "malignant_fraction": 0.5, "size": 48}},
+    "split": {"eval_fraction": 0.3, "max_anchors": 6},
+    "counterfactuals": {"shards": 2, "generators": ["gan", "diffusion", "guided", "guided_noclf", "pgd"]},
+    "classifier": {"trained": {"input_size": 32, "epochs": 1}},
+    "gan": {"train": {"epochs": 1}},
+    "diffusion": {"epochs": 1, "T": 20, "n_feat": 8, "counterfactual": {"steps": 2}},
+    "guided": {"steps": 3, "batch_size": 8},
+    "traits": {"statistics": {"bootstrap": 50}},
+    "metrics": {"bootstrap": {"resamples": 50}, "fid": {"weights_url": "", "kid_subsets": 5},
+                "judges": {"fd_resamples": 10, "pgd": {"steps": 5}},
+                "oracles": {"models": [{"name": "r34", "arch": "resnet34", "seed": 71, "input_size": 40, "epochs": 1},
+                                       {"name": "eff", "arch": "shufflenet_v2_x0_5", "seed": 72, "epochs": 1}]}},
+}
+
+
+@pytest.fixture(scope="session")
+def all_stages_run(tmp_path_factory) -> Path:
+    """A finished run of every stage on ALL_STAGES_TINY (config: <dir>/tiny.yaml); tests may dry-run variants
+    in it, and a test that deletes its outputs must rerun it before returning."""
+    work = tmp_path_factory.mktemp("all_stages")
+    write_config(work / "tiny.yaml", ALL_STAGES_TINY)
+    snakemake(work, work / "tiny.yaml", extra_args=["--max-threads", "1"])
+    return work

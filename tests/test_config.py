@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cfaudit.config import ConfigError, deep_update, load_config, validate_config
+from cfaudit.config import ConfigError, deep_update, get, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +72,27 @@ def test_snakemake_rejects_a_typo_with_the_key_named(tmp_path, run_snakemake):
     assert proc.returncode != 0
     assert "config key 'resize'" in proc.stderr + proc.stdout
     assert "mdoe" in proc.stderr + proc.stdout
+
+
+def test_result_settings_drop_run_only_keys_and_run_settings_put_them_back():
+    from cfaudit.config import RUN_ONLY_KEYS, result_settings, run_settings
+
+    cfg = load_config(REPO / "config.yaml")
+    training = result_settings(cfg, "diffusion", drop=("counterfactual",))
+    assert "log_every" not in training and "checkpoint_every" not in training and "counterfactual" not in training
+    assert training["epochs"] == cfg["diffusion"]["epochs"]
+    sampling = result_settings(cfg, "diffusion.counterfactual")
+    assert "batch_size" not in sampling and sampling["guidance"] == cfg["diffusion"]["counterfactual"]["guidance"]
+    assert run_settings(sampling, cfg, "diffusion.counterfactual") == cfg["diffusion"]["counterfactual"]
+    assert run_settings(training, cfg, "diffusion") == {k: v for k, v in cfg["diffusion"].items() if k != "counterfactual"}
+    for key in RUN_ONLY_KEYS:  # every listed key exists in the validated config
+        get(cfg, key)
+
+
+def test_the_same_settings_in_another_key_order_give_the_same_config_order():
+    """Snakemake compares recorded params as text: key order must not depend on how a file was written."""
+    a = yaml.safe_load("dataset: {synthetic: {size: 48, n_images: 40}}\nseed: 3\n")
+    b = yaml.safe_load("seed: 3\ndataset: {synthetic: {n_images: 40, size: 48}}\n")
+    ca, cb = load_config(REPO / "config.yaml", overrides=a), load_config(REPO / "config.yaml", overrides=b)
+    assert repr(ca) == repr(cb)
+    assert list(ca["dataset"]["synthetic"]) == sorted(ca["dataset"]["synthetic"])

@@ -297,37 +297,34 @@ def test_place_weights_verifies_sha256(tmp_path):
 # The real pipeline
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_snakemake_yields_both_targets_for_every_eval_anchor(tmp_path, tiny_config, run_snakemake):
-    if not (REPO / "rules" / "classifier.smk").exists():
-        pytest.skip("the classifier stage (rules/classifier.smk) does not exist yet")
+def test_snakemake_yields_both_targets_for_every_eval_anchor(all_stages_run, tmp_path, run_snakemake):
+    """The session's run of every stage (tests/conftest.py), then in a copy of it the published layout placed."""
+    import shutil
+
+    import yaml
     from conftest import scheduled_jobs, write_config
 
-    tiny_config.update({
-        "classifier": {"trained": {"arch": "resnet18", "input_size": 32, "epochs": 1, "batch_size": 16}},
-        "gan": {"arch": {"base_channels": 4, "n_blocks": 1, "d_base_channels": 4},
-                "train": {"epochs": 1, "micro_batch": 8, "accumulation": 1, "probe_size": 8}},
-    })
-    tiny_config["counterfactuals"] = {"generators": ["gan"], "shards": 2}
-    cfg = write_config(tmp_path / "tiny.yaml", tiny_config)
+    work = all_stages_run
     target = ["results/counterfactuals/gan/index.csv"]
-    run_snakemake(tmp_path, cfg, target)
-
-    anchors = pd.read_csv(tmp_path / "results/data/anchors.csv")
-    split = pd.read_csv(tmp_path / "results/data/split.csv")
+    anchors = pd.read_csv(work / "results/data/anchors.csv")
+    split = pd.read_csv(work / "results/data/split.csv")
     assert set(anchors["image_id"]) <= set(split.loc[split["split"] == "eval", "image_id"])
-    index = pd.read_csv(tmp_path / "results/counterfactuals/gan/index.csv")
+    index = pd.read_csv(work / "results/counterfactuals/gan/index.csv")
     assert set(zip(index["anchor_id"], index["target_label"])) == {(a, t) for a in anchors["image_id"] for t in (0, 1)}
     assert sorted(index["shard"].unique()) == [0, 1]
     for p in index["path"]:
-        assert Image.open(tmp_path / p).size == (32, 32)
+        assert Image.open(work / p).size == (32, 32)
     assert {json.loads(s)["generator_mode"] for s in index["settings"]} == {"eval"}
-    loss = pd.read_csv(tmp_path / "results/gan/loss.csv")
+    loss = pd.read_csv(work / "results/gan/loss.csv")
     assert list(loss["epoch"]) == [0, 1]
-    assert (tmp_path / "results/gan/loss.png").stat().st_size > 0
-    assert json.loads((tmp_path / "results/gan/loss.csv.prov.json").read_text())["rule"] == "train_gan"
-    assert scheduled_jobs(run_snakemake(tmp_path, cfg, target, ["-n"])) == {}
+    assert (work / "results/gan/loss.png").stat().st_size > 0
+    assert json.loads((work / "results/gan/loss.csv.prov.json").read_text())["rule"] == "train_gan"
+    assert scheduled_jobs(run_snakemake(work, work / "tiny.yaml", target, ["-n"])) == {}
 
     # gan.source pretrained: a (random) checkpoint in the published layout, placed from a local path
+    shutil.copytree(work, tmp_path / "run", symlinks=True)
+    tmp_path = tmp_path / "run"
+    tiny_config = yaml.safe_load((work / "tiny.yaml").read_text())
     ckpt = tmp_path / "deepderm_isic.pth"
     torch.save({"generator": random_generator_state(), "discriminator": {}, "d_opt": {},
                 "g_opt": {}, "epoch": 499}, ckpt)

@@ -211,16 +211,16 @@ def test_pgd_stays_in_mask_and_budget_and_raises_the_target_probability():
 # ----------------------------------------------------------------------------------------------------------
 # The DAG: no oracle output feeds a generator
 # ----------------------------------------------------------------------------------------------------------
-GENERATOR_RULES = {"train_diffusion", "diffusion_counterfactuals", "gather_diffusion", "train_gan",
-                   "gan_counterfactuals", "gather_gan", "guided_counterfactuals", "gather_guided",
-                   "pgd_counterfactuals", "place_gan_weights", "train_classifier", "classifier_spec"}
+GENERATOR_RULES = {"train_diffusion", "diffusion_counterfactuals", "train_gan", "gan_counterfactuals",
+                   "gather_counterfactuals", "guided_counterfactuals", "pgd_counterfactuals", "place_gan_weights",
+                   "train_classifier", "classifier_spec"}
 
 
 def test_no_oracle_output_is_an_input_of_a_generator_rule(tmp_path, run_snakemake):
     proc = run_snakemake(tmp_path, None, extra_args=["--rulegraph", "--forceall"])
     names = dict(re.findall(r'^\s*(\d+)\[label = "([^"]+)"', proc.stdout, flags=re.M))
     edges = re.findall(r"^\s*(\d+) -> (\d+)", proc.stdout, flags=re.M)
-    assert {"train_oracle", "score_oracle", "judges", "pgd_counterfactuals", "gather_guided"} <= set(names.values())
+    assert {"train_oracle", "score_oracle", "judges", "pgd_counterfactuals", "gather_counterfactuals"} <= set(names.values())
     children: dict[str, set] = {}
     for a, b in edges:
         children.setdefault(names[a], set()).add(names[b])
@@ -349,24 +349,12 @@ def test_pgd_transfers_far_less_than_planted_trait_shifts_and_the_diagnostics_fl
 
 
 @pytest.mark.slow
-def test_judges_stage_end_to_end_on_a_tiny_run(tmp_path, run_snakemake, tiny_config):
-    """The real rules: guided, its scale-0 control and PGD to the judges' table, Table 1's oracle rows."""
+def test_judges_stage_end_to_end_on_a_tiny_run(all_stages_run):
+    """The real rules (the session's run of every stage): guided, its scale-0 control and PGD to the judges'
+    table, Table 1's oracle rows."""
     import json
 
-    import yaml
-
-    cfg = {**tiny_config, "counterfactuals": {"shards": 1, "generators": ["guided", "guided_noclf", "pgd"]},
-           "classifier": {"trained": {"input_size": 32, "epochs": 2}},
-           "diffusion": {"epochs": 1, "T": 20, "n_feat": 8},
-           "guided": {"steps": 3, "batch_size": 8},
-           "metrics": {"bootstrap": {"resamples": 50}, "fid": {"weights_url": "", "kid_subsets": 5},
-                       "judges": {"fd_resamples": 10, "pgd": {"steps": 5}},
-                       "oracles": {"models": [{"name": "r34", "arch": "resnet34", "seed": 71, "input_size": 40,
-                                               "epochs": 1}, {"name": "eff", "arch": "shufflenet_v2_x0_5",
-                                                              "seed": 72, "epochs": 1}]}}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    run_snakemake(tmp_path, tmp_path / "c.yaml", ["results/metrics/judges.html", "results/metrics/table1.csv"])
-    res = tmp_path / "results"
+    res = all_stages_run / "results"
     guided = pd.read_csv(res / "counterfactuals/guided/index.csv")
     noclf = pd.read_csv(res / "counterfactuals/guided_noclf/index.csv")
     pgd = pd.read_csv(res / "counterfactuals/pgd/index.csv")
@@ -393,4 +381,4 @@ def test_judges_stage_end_to_end_on_a_tiny_run(tmp_path, run_snakemake, tiny_con
     assert fid["implementation"].str.contains("oracle_r34").all()
     per_image = pd.read_csv(res / "metrics/diagnostics_per_image.csv")
     assert {f"score_{t}" for t in J.TRANSFORMS} <= set(per_image.columns)
-    assert set(per_image["generator"]) == {"original", "guided", "guided_noclf", "pgd"}
+    assert set(per_image["generator"]) == {"original", "gan", "diffusion", "guided", "guided_noclf", "pgd"}

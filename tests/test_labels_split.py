@@ -107,3 +107,60 @@ def test_anchor_subset_is_stratified_and_within_eval():
     assert anchors["label"].sum() == 6
     assert set(anchors["image_id"]) <= set(sp.loc[sp["split"] == "eval", "image_id"])
     assert choose_anchors(sp, None, seed=2)["image_id"].tolist() == sorted(sp.loc[sp["split"] == "eval", "image_id"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouped split: several images per lesion (HAM10000 / ISIC 2019-2020 lesion_id) never straddle the split
+# ----------------------------------------------------------------------------------------------------------
+def lesion_metadata(tmp_path, n_lesions=60, seed=3):
+    """A labels CSV with 1-5 images per lesion (one label per lesion) and the image files it names."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for lesion in range(n_lesions):
+        label = int(lesion % 3 == 0)
+        for k in range(int(rng.integers(1, 6))):
+            rows.append({"image_id": f"IMG_{lesion:03d}_{k}", "lesion_id": f"HAM_{lesion:04d}", "label": label})
+    meta = pd.DataFrame(rows)
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for i in meta["image_id"]:
+        Image.new("RGB", (8, 8), (100, 80, 60)).save(tmp_path / "img" / f"{i}.png")
+    return meta
+
+
+def test_grouped_split_keeps_every_lesion_on_one_side_and_stays_stratified(tmp_path):
+    from cfaudit.data.split import grouped_stratified_split, split_report
+
+    meta = lesion_metadata(tmp_path)
+    gt, _, report = build_ground_truth(meta.astype(str), tmp_path / "img", "folder", id_column="image_id",
+                                       label_column="label")
+    assert report["group_column"] == "lesion_id" and report["groups"] == 60
+    assert report["images_in_largest_group"] == meta["lesion_id"].value_counts().max() > 1
+    split = grouped_stratified_split(gt, gt["group_id"], 0.3, seed=5)
+    assert (split.groupby("group_id")["split"].nunique() == 1).all()
+    for c in (0, 1):
+        n = int((split["label"] == c).sum())
+        n_eval = int(((split["label"] == c) & (split["split"] == "eval")).sum())
+        assert abs(n_eval - round(0.3 * n)) <= 2, (c, n, n_eval)  # stratified up to the size of a lesion
+    assert split.equals(grouped_stratified_split(gt.sample(frac=1, random_state=1), gt.sample(frac=1, random_state=1)["group_id"], 0.3, 5))
+    rep = split_report(split, "lesion_id")
+    assert rep["groups_on_both_sides"] == 0 and rep["groups"]["train"] + rep["groups"]["eval"] == 60
+
+
+def test_group_column_settings(tmp_path):
+    meta = lesion_metadata(tmp_path, n_lesions=6).astype(str)
+    kw = {"id_column": "image_id", "label_column": "label"}
+    gt, _, report = build_ground_truth(meta, tmp_path / "img", "folder", group_column="", **kw)
+    assert report["group_column"] is None and (gt["group_id"] == gt["image_id"]).all()
+    with pytest.raises(LabelError, match=r"split.group_column is 'patient'.*no such column"):
+        build_ground_truth(meta, tmp_path / "img", "folder", group_column="patient", **kw)
+    no_lesions = meta.assign(lesion_id="")
+    assert build_ground_truth(no_lesions, tmp_path / "img", "folder", **kw)[2]["group_column"] is None
+
+
+def test_grouped_split_that_cannot_keep_a_class_on_both_sides_says_why():
+    from cfaudit.data.split import grouped_stratified_split
+
+    index = pd.DataFrame({"image_id": [f"i{k}" for k in range(8)], "label": [1, 1, 1, 0, 0, 0, 0, 0]})
+    groups = pd.Series(["m", "m", "m", "b1", "b2", "b3", "b4", "b5"])  # every malignant image is one lesion
+    with pytest.raises(SplitError, match="no malignant image on the eval side"):
+        grouped_stratified_split(index, groups, 0.3, 0)

@@ -69,3 +69,23 @@ def test_single_class_dataset_fails_with_a_clear_message(tmp_path, tiny_config, 
     log = (tmp_path / "logs/data/split.log").read_text()
     assert "0 malignant image(s)" in log and "label_report.json" in log
     assert (tmp_path / "results/data/pack.npy").exists()  # what was computed is kept
+
+
+def test_folder_source_with_lesion_ids_splits_by_lesion(tmp_path, run_snakemake):
+    """HAM10000-style labels (several images per lesion_id): the rules keep each lesion on one side and say so."""
+    from test_labels_split import lesion_metadata
+
+    meta = lesion_metadata(tmp_path, n_lesions=30)
+    meta.to_csv(tmp_path / "labels.csv", index=False)
+    cfg = write_config(tmp_path / "lesions.yaml", {
+        "image_size": 16, "split": {"eval_fraction": 0.3, "max_anchors": None},
+        "dataset": {"source": "folder", "folder": {"images": str(tmp_path / "img"), "labels": str(tmp_path / "labels.csv"),
+                                                    "id_column": "image_id", "label_column": "label"}}})
+    run_snakemake(tmp_path, cfg, DATA_TARGET)
+    split = pd.read_csv(tmp_path / "results/data/split.csv").merge(meta[["image_id", "lesion_id"]], on="image_id")
+    assert (split.groupby("lesion_id")["split"].nunique() == 1).all() and set(split["split"]) == {"train", "eval"}
+    report = json.loads((tmp_path / "results/data/split_report.json").read_text())
+    assert report["group_column"] == "lesion_id" and report["groups_on_both_sides"] == 0
+    assert report["groups"]["train"] + report["groups"]["eval"] == 30
+    labels = json.loads((tmp_path / "results/data/label_report.json").read_text())
+    assert labels["groups"] == 30 and labels["group_column"] == "lesion_id"

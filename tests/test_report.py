@@ -18,9 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cfaudit.config import load_config
 from cfaudit.files import sha256_file
-from cfaudit.provenance import code_version, config_sha256, file_record, read_record, write_provenance
+from cfaudit.provenance import config_sha256, file_record, read_record, write_provenance
 from test_metrics import synthetic_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +36,6 @@ def snakemake(workdir: Path, configfile: Path, targets, *extra, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc
-
-
-def scheduled_rules(output: str) -> set[str]:
-    """Rule names from the 'Job stats' table of a (dry) run."""
-    m = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal", output, re.S)
-    return {line.split()[0] for line in m.group(1).splitlines() if line.strip()} if m else set()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,15 +74,19 @@ def test_provenance_records_inputs_config_code_and_times(tmp_path):
 # Metric and figure rules on synthetic upstream files (fast)
 # ---------------------------------------------------------------------------------------------------------
 def write_upstream(workdir: Path) -> dict[str, Path]:
-    """results/scores/scores.csv, results/data/anchors.csv, results/classifier/classifier.json (the contracts)."""
+    """results/scores/{original,gan,diffusion}.csv and scores.csv (their concatenation), results/data/anchors.csv,
+    results/classifier/classifier.json (the contracts)."""
     scores, anchors = synthetic_scores(12, seed=4)
-    paths = {"scores": workdir / "results/scores/scores.csv", "anchors": workdir / "results/data/anchors.csv",
-             "spec": workdir / "results/classifier/classifier.json"}
+    paths = {"anchors": workdir / "results/data/anchors.csv", "spec": workdir / "results/classifier/classifier.json"}
+    paths |= {g: workdir / f"results/scores/{g}.csv" for g in dict.fromkeys(scores["generator"])}
+    paths["scores"] = workdir / "results/scores/scores.csv"  # written last: newer than its parts
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    scores.to_csv(paths["scores"], index=False)
     anchors.to_csv(paths["anchors"], index=False)
     paths["spec"].write_text(json.dumps({"threshold": 0.5, "score_space": "softmax", "name": "toy"}))
+    for g, part in scores.groupby("generator", sort=False):
+        part.to_csv(paths[g], index=False)
+    scores.to_csv(paths["scores"], index=False)
     return paths
 
 
@@ -106,7 +103,8 @@ def test_figure_sidecars_list_the_checksums_of_their_real_inputs(tmp_path):
         rec = json.loads((tmp_path / "results/figures" / f"{fig}.prov.json").read_text())
         assert rec["rule"] == rule
         got = {r["path"]: r["sha256"] for r in rec["inputs"]}
-        want = {str(p.relative_to(tmp_path)): sha256_file(p) for p in ups.values()}
+        read = ("original", "gan", "anchors", "spec") if rule == "curve_figures" else ("scores", "anchors", "spec")
+        want = {str(ups[k].relative_to(tmp_path)): sha256_file(ups[k]) for k in read}
         assert got == want, fig  # exactly the files the figure was made from, with their checksums
         assert rec["output_sha256"] == sha256_file(tmp_path / "results/figures" / fig)
         assert rec["config"]["figures"]["dpi"] == 60
@@ -117,89 +115,39 @@ def test_figure_sidecars_list_the_checksums_of_their_real_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The real pipeline on a tiny config (slow: needs the classifier, diffusion and scoring stages)
+# The real pipeline (the session's tiny run of every stage, tests/conftest.py); the rerun scope of metric settings,
+# the report in a browser and its captions: tests/test_rerun.py
 # ---------------------------------------------------------------------------------------------------------
-TINY = {
-    "seed": 7,
-    "image_size": 32,
-    "dataset": {"source": "synthetic", "synthetic": {"n_images": 24, "malignant_fraction": 0.5, "size": 40}},
-    "split": {"eval_fraction": 0.34, "max_anchors": 4},
-    "counterfactuals": {"shards": 1, "generators": ["diffusion"]},
-    "classifier": {"trained": {"input_size": 32, "epochs": 1}},
-    "diffusion": {"epochs": 1, "T": 20, "n_feat": 8, "counterfactual": {"steps": 2}},
-    "metrics": {"bootstrap": {"resamples": 50}, "fid": {"weights_url": "", "kid_subsets": 5}},
-}
-TARGETS = ["results/metrics/table1.csv", "results/metrics/closeness.csv", "results/metrics/fid.csv",
-           "results/figures/fid.png", "results/figures/training_loss.png", "results/figures/pr_diffusion.png",
-           "results/figures/score_histograms.png", "results/metrics/judges.html"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    missing = [s for s in ("classifier", "scoring", "diffusion") if not (REPO / "rules" / f"{s}.smk").exists()]
-    if missing:
-        pytest.skip(f"upstream stages not in this checkout yet: {missing}")
-    work = tmp_path_factory.mktemp("tiny_run")
-    cfg = work / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    snakemake(work, cfg, TARGETS)
-    return work, cfg
-
-
-def _variant(work: Path, name: str, change: dict) -> Path:
-    from cfaudit.config import deep_update
-
-    cfg = json.loads(json.dumps(TINY))
-    deep_update(cfg, change)
-    path = work / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.mark.slow
-def test_pipeline_outputs_and_fallback_labelling(tiny_run):
-    work, _ = tiny_run
+def test_pipeline_outputs_and_fallback_labelling(all_stages_run):
+    work = all_stages_run
     table = pd.read_csv(work / "results/metrics/table1.csv")
-    assert list(dict.fromkeys(table["group"])) == ["original", "diffusion"]
+    assert list(dict.fromkeys(table["group"])) == ["original", "gan", "diffusion", "guided", "guided_noclf", "pgd"]
     fid = pd.read_csv(work / "results/metrics/fid.csv")
     status = json.loads((work / "resources/torch_home/fid_weights.json").read_text())
     assert status["available"] is False
     assert set(fid["metric"]) == {"oracle-feature FD", "oracle-feature KID"}  # an oracle's features, not the audited
     assert fid["note"].str.startswith("FID absent").all() and (fid["n_real"] == fid["n_real"].iloc[0]).all()
     rec = json.loads((work / "results/figures/pr_diffusion.png.prov.json").read_text())
-    scores = work / "results/scores/scores.csv"
-    assert {"path": "results/scores/scores.csv", "sha256": sha256_file(scores),
-            "bytes": scores.stat().st_size} in rec["inputs"]
+    for part in ("original", "diffusion"):  # the figure reads the originals' and its generator's scores only
+        scores = work / f"results/scores/{part}.csv"
+        assert {"path": f"results/scores/{part}.csv", "sha256": sha256_file(scores),
+                "bytes": scores.stat().st_size} in rec["inputs"]
 
 
-@pytest.mark.slow
-def test_metric_only_settings_reschedule_only_metric_rules(tiny_run):
-    work, _ = tiny_run
-    cases = [({"metrics": {"bootstrap": {"resamples": 60}}}, {"table1", "closeness", "judges"}),
-             ({"metrics": {"figures": {"dpi": 80}}}, {"curve_figures", "score_histograms", "loss_figure",
-                                                     "realism_figure"}),
-             ({"metrics": {"fid": {"n": 100}}}, {"realism", "realism_figure", "judges"})]
-    for i, (change, expected) in enumerate(cases):
-        proc = snakemake(work, _variant(work, f"v{i}.yaml", change), TARGETS, "-n")
-        assert scheduled_rules(proc.stdout) == expected, (change, proc.stdout[-3000:])
-    # the unchanged config schedules nothing
-    assert "Nothing to be done" in snakemake(work, tiny_run[1], TARGETS, "-n").stdout
+def test_parsing_the_workflow_runs_no_subprocess(tmp_path):
+    """No git (or any program) while the Snakefile is parsed: cluster jobs re-parse it. A `git` on PATH that leaves a
+    mark shows whether parsing called it; the run identity comes from rule run_identity at run time."""
+    import os
 
-
-@pytest.mark.slow
-def test_report_builds_with_captions_commit_and_config_hash(tiny_run):
-    work, cfg = tiny_run
-    snakemake(work, cfg, TARGETS, "--report", "report.html", "--report-metadata",
-              str(REPO / "rules/report/metadata.yaml"))
-    html = (work / "report.html").read_text()
-    commit = code_version()["commit"]
-    if commit:
-        assert commit in html
-    assert config_sha256(load_config(REPO / "config.yaml", cfg)) in html
-    block = html[html.index('<script id="results">'):]
-    results = json.loads(block[block.index("{"):block.index("</script>")].strip().rstrip(";"))
-    for name in ("table1.html", "fid.html", "closeness.html", "judges.html", "pr_diffusion.png", "roc_diffusion.png",
-                 "score_histograms.png", "training_loss.png", "fid.png"):
-        entry = next(v for k, v in results.items() if k.endswith(name))
-        assert len(entry["caption"]) > 200, name  # a caption saying what it shows and how it was made
-    assert "oracle-feature" in html and "cfaudit: counterfactual audit" in html
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "git"
+    fake.write_text(f"#!/bin/sh\necho called >> {tmp_path / 'git_called'}\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path), "--cores", "1", "--workflow-profile", "none"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run_identity" in proc.stdout and not (tmp_path / "git_called").exists()

@@ -151,19 +151,18 @@ def test_benchmark_runs():
 
 
 @pytest.mark.slow
-def test_score_rule_in_snakemake(tmp_path, run_snakemake, tiny_config):
-    from conftest import write_config
-
-    cfg = dict(tiny_config)
-    cfg["counterfactuals"] = {"generators": [], "shards": 1}
-    cfg["classifier"] = {"trained": {"input_size": 32, "epochs": 1, "batch_size": 16}}
-    configfile = write_config(tmp_path / "cfg.yaml", cfg)
-    run_snakemake(tmp_path, configfile, ["results/scores/scores.csv"])
-    df = pd.read_csv(tmp_path / "results/scores/scores.csv")
-    anchors = pd.read_csv(tmp_path / "results/data/anchors.csv")
+def test_score_rules_in_snakemake(all_stages_run):
+    """The session's run of every stage: one scoring job per generator, joined into scores.csv."""
+    work = all_stages_run
+    df = pd.read_csv(work / "results/scores/scores.csv")
+    anchors = pd.read_csv(work / "results/data/anchors.csv")
     assert list(df.columns) == SCORE_COLUMNS
-    assert set(df["generator"]) == {"original"} and sorted(df["image_id"]) == sorted(anchors["image_id"])
-    spec = json.loads((tmp_path / "results/classifier/classifier.json").read_text())
+    assert list(dict.fromkeys(df["generator"])) == ["original", "gan", "diffusion", "guided", "guided_noclf", "pgd"]
+    assert sorted(df.loc[df["generator"] == "original", "image_id"]) == sorted(anchors["image_id"])
+    parts = [pd.read_csv(work / f"results/scores/{g}.csv") for g in dict.fromkeys(df["generator"])]
+    assert pd.concat(parts, ignore_index=True).equals(df)
+    assert json.loads((work / "results/scores/gan.csv.prov.json").read_text())["rule"] == "score"
+    spec = json.loads((work / "results/classifier/classifier.json").read_text())
     assert spec["kind"] == "trained" and spec["input_size"] == 32 and "auroc" in spec["provenance"]["trained"]
-    assert (tmp_path / "results/scores/scores.csv.prov.json").exists()
-    assert (tmp_path / "results/classifier/trained/heldout.json.prov.json").exists()
+    assert (work / "results/scores/scores.csv.prov.json").exists()
+    assert (work / "results/classifier/trained/heldout.json.prov.json").exists()

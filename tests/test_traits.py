@@ -442,6 +442,7 @@ def test_pipeline_trait_stage_with_positive_control(tmp_path, run_snakemake, tin
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance  # ~6 min of training on 2 cores: `make test-acceptance`, not `make test`
 def test_learned_generator_moves_the_planted_traits(tmp_path, run_snakemake):
     """The issue's acceptance test: on the embedded data (the demo's config.yaml), the counterfactuals of the
     diffusion model guided by the trained stand-in classifier increase the planted traits toward malignant and

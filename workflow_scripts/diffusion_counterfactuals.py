@@ -1,16 +1,15 @@
 """Entry script of rule diffusion_counterfactuals: SDEdit counterfactuals of one shard of the eval anchors."""
 
+from cfaudit.config import run_settings
 from cfaudit.diffusion.sdedit import run_counterfactual_shard
-from cfaudit.runtime import resolve_device, script_logging
+from cfaudit.runtime import job_device, script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with script_logging(smk.log[0]) as log:
-    import torch
-
-    torch.set_num_threads(max(1, smk.threads))
-    device = resolve_device(smk.params.compute["device"], smk.params.compute["allow_cpu_fallback"])
+    device = job_device(smk.config["compute"], smk.threads)  # not a param: a device change reruns nothing
     run_counterfactual_shard(checkpoint=smk.input.checkpoint, pack=smk.input.pack, pack_index=smk.input.index,
-                             anchors_csv=smk.input.anchors, out_index=smk.output.index, out_dir=smk.params.out_dir,
-                             shard=smk.params.shard, n_shards=smk.params.n_shards, cf=smk.params.counterfactual,
+                             anchors_csv=smk.input.anchors, out_index=smk.output.index, out_dir=smk.output.images,
+                             shard=int(smk.wildcards.shard), n_shards=smk.params.n_shards,
+                             cf=run_settings(smk.params.counterfactual, smk.config, "diffusion.counterfactual"),
                              seed=smk.params.seed, device=device, precision=smk.params.precision,
                              channels_last=smk.params.channels_last)

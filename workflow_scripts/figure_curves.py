@@ -7,6 +7,6 @@ from cfaudit.runtime import script_logging
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with script_logging(smk.log[0]):
     started = now()
-    info = make_curves(smk.input.scores, smk.input.anchors, smk.input.spec, smk.wildcards.generator, smk.output.pr,
+    info = make_curves(list(smk.input.scores), smk.input.anchors, smk.input.spec, smk.wildcards.generator, smk.output.pr,
                        smk.output.roc, smk.params.figures["dpi"])
     write_job_provenance(smk, [smk.output.pr, smk.output.roc], started, extra={"plotted": info})

@@ -12,7 +12,7 @@ with script_logging(smk.log[0]) as log:
     shards = list(smk.input.shards)
     anchors = pd.read_csv(smk.input.anchors)
     df = gather(shards, smk.output.index, anchors=anchors)
-    generator = smk.params.generator
+    generator = smk.wildcards.generator
     if set(df["generator"]) - {generator}:
         raise ValueError(f"shard indexes {shards} contain rows of generators {sorted(set(df['generator']))}, "
                          f"expected only {generator!r}")

@@ -23,7 +23,8 @@ with script_logging(smk.log[0]) as log:
         kw = {"id_column": f["id_column"], "label_column": f["label_column"], "file_column": f["file_column"],
               "diagnosis_column": f["diagnosis_column"], "licence_column": f["licence_column"]}
     metadata = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    gt, excluded, report = build_ground_truth(metadata, images, source, metadata_name=str(meta_path), **kw)
+    gt, excluded, report = build_ground_truth(metadata, images, source, metadata_name=str(meta_path),
+                                              group_column=smk.params.group_column, **kw)
     write_csv(gt, smk.output.table)
     write_csv(excluded, smk.output.excluded)
     Path(smk.output.report).write_text(json.dumps(report, indent=2))

@@ -5,5 +5,5 @@ from cfaudit.runtime import script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with script_logging(smk.log[0]) as log:
-    run_panels(smk.input.scores, smk.input.anchors, smk.wildcards.generator, smk.output.panels, smk.output.sheet,
+    run_panels(list(smk.input.scores), smk.input.anchors, smk.wildcards.generator, smk.output.panels, smk.output.sheet,
                smk.params.panels, log=log)

@@ -9,7 +9,7 @@ with script_logging(smk.log[0]):
     started = now()
     device = job_device(smk.config["compute"], smk.threads)  # not a param: no rerun on a device change
     df = run_pgd(classifier_spec=smk.input.classifier, guided_index=smk.input.guided, pack=smk.input.pack,
-                 pack_index=smk.input.index, out_index=smk.output.index, out_dir=smk.params.out_dir,
+                 pack_index=smk.input.index, out_index=smk.output.index, out_dir=smk.output.images,
                  cfg=smk.params.pgd, device=device,
                  batch_size=int(smk.config["metrics"]["judges"]["pgd"]["batch_size"]))
     write_provenance(smk.output.index, snakemake_inputs(smk), {"metrics.judges.pgd": smk.params.pgd},

@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+from cfaudit.config import run_settings
 from cfaudit.fid import place_weights, write_status
 from cfaudit.runtime import script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with script_logging(smk.log[0]) as log:
-    p = smk.params.fid
+    p = run_settings(smk.params.fid, smk.config, "metrics.fid")
     torch_home = Path(smk.output.status).parent  # resources/torch_home: TORCH_HOME of the realism rule
     status = place_weights(torch_home, p["weights_path"], p["weights_url"], p["check_hash"],
                            p["download_timeout_s"])

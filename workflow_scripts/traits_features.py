@@ -1,4 +1,5 @@
-"""Entry script of rule traits_features: segmentation and features of anchors, originals, counterfactuals."""
+"""Entry script of rule traits_features: segmentation and features of the originals or of one generator's
+counterfactuals."""
 
 from cfaudit.provenance import now, write_job_provenance
 from cfaudit.runtime import script_logging
@@ -7,10 +8,9 @@ from cfaudit.traits.stage import features_step
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with script_logging(smk.log[0]) as log:
     started = now()
-    p = smk.params
+    part = smk.wildcards.part
+    generators = [] if part == "original" else [part]
     table = features_step(smk.input.anchors, smk.input.pack_index, smk.input.split, list(smk.input.indexes),
-                          list(p.generators),
-                          {"originals": p.originals, "segmentation": p.segmentation, "colours": p.colours, "skin": p.skin},
-                          smk.output.features, workers=smk.threads)
+                          generators, dict(smk.params.features), smk.output.features, workers=smk.threads, part=part)
     write_job_provenance(smk, [smk.output.features], started, read=table["path"])
     log.info("wrote %s (%d images)", smk.output.features, len(table))

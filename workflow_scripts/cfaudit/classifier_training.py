@@ -221,7 +221,7 @@ def run_training(pack, index, split, out_weights, out_heldout, out_history, out_
     import pandas as pd
 
     from cfaudit.data.pack import load_pack
-    from cfaudit.files import atomic_path, write_csv
+    from cfaudit.files import atomic_path, save_torch, write_csv
     from cfaudit.provenance import now, write_provenance
     from cfaudit.runtime import seed_everything
 
@@ -236,9 +236,7 @@ def run_training(pack, index, split, out_weights, out_heldout, out_history, out_
     net, history, metrics = train_classifier(train_x, train_idx["label"].to_numpy(), s, seed, device,
                                              eval_x, eval_idx["label"].to_numpy(), threads)
     seconds = time.time() - t0
-    tmp = atomic_path(out_weights)
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, out_weights)
+    save_torch(net.state_dict(), out_weights)
     probs = metrics.pop("eval_probs", [])
     write_csv(pd.DataFrame({"image_id": eval_idx["image_id"], "label": eval_idx["label"],
                             "prob": probs if len(probs) else np.nan}), out_eval_scores)

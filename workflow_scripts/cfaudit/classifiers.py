@@ -513,6 +513,13 @@ def place_weights(dest: str | os.PathLike, *, local_path: str = "", url: str = "
             tmp.unlink()
 
 
+def spec_training_record(heldout: dict) -> dict:
+    """What a spec keeps of the training's held-out record: not its settings (they are in the spec) and not its
+    wall-clock time, so that the same training gives the same spec and everything hashed from it (the GAN's
+    fingerprint, the counterfactual indexes) repeats byte for byte; heldout.json keeps the time."""
+    return {k: v for k, v in heldout.items() if k not in ("settings", "train_seconds")}
+
+
 def spec_from_config(clf_cfg: dict, weights: str | os.PathLike, heldout: dict | None = None) -> dict:
     """The spec of config section ``classifier`` for its ``kind``; ``heldout`` = train_classifier's metrics."""
     kind = clf_cfg["kind"]
@@ -522,7 +529,7 @@ def spec_from_config(clf_cfg: dict, weights: str | os.PathLike, heldout: dict | 
                              provenance={"source": {k: clf_cfg["deepderm"][k] for k in ("url", "local_path", "sha256")}})
     if kind == "trained":
         t = clf_cfg["trained"]
-        prov = {"trained": {k: v for k, v in (heldout or {}).items() if k != "settings"}}
+        prov = {"trained": spec_training_record(heldout or {})}
         return make_spec("trained", name=f"trained_{t['arch']}", arch=t["arch"], weights=weights,
                          input_size=t["input_size"], resize_size=t["input_size"], num_classes=2, positive_index=1,
                          normalization=t["normalization"], score_space=space, threshold=t["threshold"],

@@ -36,7 +36,24 @@ def validate_config(config: dict) -> dict:
         ) from None
     fill_defaults(config, _load_schema(SCHEMA))
     check_ema_use(config)
+    sort_keys_in_place(config)
     return config
+
+
+def sort_keys_in_place(node: dict) -> None:
+    """Order every mapping of the config by key, in place. Snakemake's params rerun trigger compares the
+    recorded params as text, so the same settings written in another order (an overlay, a preset, a config
+    dumped with sorted keys) would otherwise rerun every rule whose params hold a section of the config."""
+    items = sorted(node.items(), key=lambda kv: str(kv[0]))
+    node.clear()
+    for key, value in items:
+        if isinstance(value, dict):
+            sort_keys_in_place(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    sort_keys_in_place(item)
+        node[key] = value
 
 
 def check_ema_use(config: dict) -> None:
@@ -124,3 +141,72 @@ def get(config: dict, dotted: str) -> Any:
 def config_slice(config: dict, keys: list[str]) -> dict:
     """The values of the dotted ``keys`` of ``config``, for provenance records and rule params."""
     return {k: get(config, k) for k in keys}
+
+
+# Settings that cannot change a result: how a job runs, not what it computes. Rules keep them out of their params
+# (Snakemake's params rerun trigger would otherwise rerun every job below), and the entry scripts read them from
+# the config at run time (`run_settings`). README "Rerunning stale stages" lists them; tests/test_rerun.py checks
+# that changing them schedules nothing.
+RUN_ONLY_KEYS = {
+    "compute": "device choice (auto / cuda / cpu) and CPU fallback",
+    "dataset.isic.retries": "download retries",
+    "dataset.isic.backoff_s": "download back-off",
+    "dataset.isic.timeout_s": "request timeout",
+    "dataset.isic.command_timeout_s": "isic-cli timeout",
+    "dataset.isic.workers": "parallel downloads",
+    "classifier.trained.eval_batch_size": "inference batch size",
+    "classifier.deepderm.retries": "download retries",
+    "classifier.deepderm.timeout_s": "download timeout",
+    "classifier.checkpoint.retries": "download retries",
+    "classifier.checkpoint.timeout_s": "download timeout",
+    "classifier.scoring.batch_size": "inference batch size",
+    "classifier.scoring.workers": "data-loading workers",
+    "gan.train.checkpoint_every": "resume-checkpoint interval",
+    "gan.generate.batch_size": "inference batch size in eval mode (in train mode rules/gan.smk keeps it as a param)",
+    "gan.pretrained.retries": "download retries",
+    "gan.pretrained.timeout_s": "download timeout",
+    "diffusion.checkpoint_every": "resume-checkpoint interval",
+    "diffusion.log_every": "logging interval",
+    "diffusion.counterfactual.batch_size": "inference batch size (noise is drawn per anchor)",
+    "guided.batch_size": "inference batch size (noise is drawn per anchor)",
+    "metrics.fid.download_timeout_s": "download timeout",
+    "metrics.fid.batch_size": "inference batch size",
+    "metrics.judges.pgd.batch_size": "batch size (every image has its own budget and steps)",
+    "metrics.judges.diagnostics.batch_size": "inference batch size",
+    "resources": "threads, memory, runtime and GPUs of each job",
+}
+
+
+def _drop(node: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head in node:
+        if rest:
+            if isinstance(node[head], dict):
+                _drop(node[head], rest)
+        else:
+            del node[head]
+
+
+def result_settings(config: dict, section: str, drop: tuple[str, ...] = ()) -> dict:
+    """``config[section]`` (dotted) without its run-only keys and without ``drop``: what a rule's params hold,
+    so that only a setting that can change the rule's outputs reruns it."""
+    out = copy.deepcopy(get(config, section))
+    for key in [*RUN_ONLY_KEYS, *(f"{section}.{d}" for d in drop)]:
+        if key.startswith(section + "."):
+            _drop(out, key[len(section) + 1:])
+    return out
+
+
+def run_settings(params: dict, config: dict, section: str) -> dict:
+    """A rule's params section with the run-only keys of ``config[section]`` put back: what the job runs with."""
+    out = copy.deepcopy(dict(params))
+    for key in RUN_ONLY_KEYS:
+        if key.startswith(section + "."):
+            *parents, last = key[len(section) + 1:].split(".")
+            node = out
+            for part in parents:  # a subsection the params left out (e.g. diffusion.counterfactual) stays out
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node[last] = get(config, key)
+    return out
+

@@ -43,3 +43,34 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
     tmp = atomic_path(path)
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (UTF-8)."""
+    tmp = atomic_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes atomically."""
+    tmp = atomic_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Path(path)
+
+
+def save_torch(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically and byte-reproducibly: serialised in memory (the archive's inner folder is then
+    always ``archive/``, not the random name of a temporary file), then written to a temporary sibling and renamed,
+    so a kill never leaves a truncated checkpoint and the same weights give the same sha256."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_bytes(path, buffer.getvalue())

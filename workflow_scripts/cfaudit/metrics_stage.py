@@ -45,8 +45,9 @@ def read_spec(spec_path) -> dict:
 
 
 def read_scores(scores_path, anchors_path=None) -> pd.DataFrame:
-    """The scores table with an ``anchor_id`` column (see metrics.attach_anchor_ids)."""
-    scores = pd.read_csv(scores_path)
+    """The scores table (one path, or several parts of it) with an ``anchor_id`` column (metrics.attach_anchor_ids)."""
+    paths = [scores_path] if isinstance(scores_path, (str, os.PathLike)) else list(scores_path)
+    scores = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     need = {"image_id", "generator", "target_label", "path", "score"}
     if missing := need - set(scores.columns):
         raise KeyError(f"{scores_path} lacks columns {sorted(missing)}; rerun the scoring stage")

@@ -63,7 +63,7 @@ def write_oracle_spec(name: str, recipe: dict, weights, heldout_path, out_spec) 
     """oracle.json: a classifier spec of kind 'trained' (softmax score, the recipe's threshold) after a strict load."""
     import json
 
-    from cfaudit.classifiers import build_classifier, make_spec, write_spec
+    from cfaudit.classifiers import build_classifier, make_spec, spec_training_record, write_spec
 
     heldout = json.loads(Path(heldout_path).read_text())
     spec = make_spec("trained", name=f"oracle_{name}", arch=recipe["arch"], weights=weights,
@@ -71,7 +71,7 @@ def write_oracle_spec(name: str, recipe: dict, weights, heldout_path, out_spec) 
                      positive_index=1, normalization=recipe.get("normalization", "minus_one_one"),
                      score_space="softmax", threshold=float(recipe.get("threshold", 0.5)),
                      arch_kwargs=recipe.get("arch_kwargs", {}),
-                     provenance={"oracle": {k: v for k, v in heldout.items() if k != "settings"}})
+                     provenance={"oracle": spec_training_record(heldout)})
     build_classifier(spec, weights)  # strict load: a bad file fails here
     spec["role"] = "oracle (judge only; never an input of a generator)"
     write_spec(spec, out_spec)

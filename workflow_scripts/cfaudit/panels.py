@@ -102,13 +102,15 @@ def contact_sheet(table: pd.DataFrame, tile: int, generator: str, classifier: st
     return canvas
 
 
-def run_panels(scores_path, anchors_path, generator: str, out_dir, sheet_path, settings: dict, log=None) -> pd.DataFrame:
-    """Rule panels: every anchor's panel into ``out_dir`` + the contact sheet (with a provenance sidecar)."""
+def run_panels(score_paths: list, anchors_path, generator: str, out_dir, sheet_path, settings: dict, log=None) -> pd.DataFrame:
+    """Rule panels: every anchor's panel into ``out_dir`` + the contact sheet (with a provenance sidecar);
+    ``score_paths``: score tables holding the originals' and ``generator``'s rows."""
     from cfaudit.files import atomic_path
     from cfaudit.provenance import now, write_provenance
 
     started = now()
-    scores = pd.read_csv(scores_path)
+    score_paths = [score_paths] if isinstance(score_paths, (str, os.PathLike)) else list(score_paths)
+    scores = pd.concat([pd.read_csv(p) for p in score_paths], ignore_index=True)
     anchors = pd.read_csv(anchors_path)
     table = panel_table(scores, anchors, generator)
     sub = scores[scores["generator"] == generator]
@@ -128,7 +130,7 @@ def run_panels(scores_path, anchors_path, generator: str, out_dir, sheet_path, s
     tmp = atomic_path(sheet_path)
     contact_sheet(shown, settings["sheet_tile_size"], generator, classifier, space).save(tmp, format="PNG")
     os.replace(tmp, sheet_path)
-    write_provenance(sheet_path, [scores_path, anchors_path], {"classifier.panels": settings, "generator": generator},
+    write_provenance(sheet_path, [*score_paths, anchors_path], {"classifier.panels": settings, "generator": generator},
                      rule="panels", started=started, extra={"n_anchors_shown": len(shown), "n_panels": len(table)})
     if log:
         log.info("%s: %d panels in %s, contact sheet %s (%d anchors)", generator, len(table), out_dir, sheet_path, len(shown))

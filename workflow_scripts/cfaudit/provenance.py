@@ -23,6 +23,15 @@ PACKAGES = ("cfaudit", "snakemake", "torch", "torchvision", "numpy", "pandas", "
 CODE_DIR = Path(__file__).resolve().parent
 
 
+TIMING_KEYS = ("seconds", "images_per_s")
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    """History rows without wall-clock measurements: what goes into a final checkpoint, so that the same
+    training gives the same file (timings stay in the loss tables and the sidecars)."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

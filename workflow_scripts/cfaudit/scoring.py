@@ -37,8 +37,10 @@ BACKENDS = ("pil", "torch")
 # What to score
 # ----------------------------------------------------------------------------------------------------------
 def scoring_jobs(anchors: pd.DataFrame, pack_index: pd.DataFrame, split: pd.DataFrame,
-                 cf_indexes: dict[str, str | os.PathLike], originals: str = "anchors") -> pd.DataFrame:
-    """Rows (image_id, generator, target_label, anchor_label, path) for originals + every counterfactual."""
+                 cf_indexes: dict[str, str | os.PathLike], originals: str = "anchors",
+                 include_originals: bool = True) -> pd.DataFrame:
+    """Rows (image_id, generator, target_label, anchor_label, path) for the originals (unless
+    ``include_originals`` is false) + every counterfactual of ``cf_indexes``."""
     if originals == "anchors":
         orig = anchors[["image_id", "label"]]
     elif originals == "eval":
@@ -50,7 +52,7 @@ def scoring_jobs(anchors: pd.DataFrame, pack_index: pd.DataFrame, split: pd.Data
     if lost:
         raise ValueError(f"{len(lost)} originals have no PNG in the pack index (e.g. {lost[:3]}); rerun rule resize")
     parts = [pd.DataFrame({"image_id": orig["image_id"], "generator": ORIGINAL, "target_label": orig["label"].astype(int),
-                           "anchor_label": orig["label"].astype(int), "path": orig["png"]})]
+                           "anchor_label": orig["label"].astype(int), "path": orig["png"]})][:int(include_originals)]
     for gen, index_path in cf_indexes.items():
         cf = pd.read_csv(index_path)
         need = {"anchor_id", "anchor_label", "target_label", "path"}
@@ -168,8 +170,9 @@ def score_frame(clf: AuditedClassifier, jobs: pd.DataFrame, batch_size: int = 64
 
 
 def run_scoring(spec, anchors, pack_index, split, cf_indexes: dict, out_scores, scoring: dict, device,
-                threads: int = 1, log=None) -> pd.DataFrame:
-    """Rule score: load the classifier, score originals + counterfactuals, write the table + its sidecar."""
+                threads: int = 1, log=None, originals: bool = True, rule: str = "score") -> pd.DataFrame:
+    """Rules score / score_oracle: load the classifier, score the originals (``originals``) and the
+    counterfactuals of ``cf_indexes``, write the table + its sidecar."""
     from cfaudit.classifiers import load_classifier
     from cfaudit.files import write_csv
     from cfaudit.provenance import now, write_provenance
@@ -178,7 +181,7 @@ def run_scoring(spec, anchors, pack_index, split, cf_indexes: dict, out_scores, 
     torch.set_num_threads(max(1, threads))
     clf = load_classifier(spec, device)
     jobs = scoring_jobs(pd.read_csv(anchors), pd.read_csv(pack_index), pd.read_csv(split), cf_indexes,
-                        scoring["originals"])
+                        scoring["originals"], include_originals=originals)
     workers = scoring["workers"] or max(1, threads)
     t0 = time.time()
     df = score_frame(clf, jobs, scoring["batch_size"], scoring["resize_backend"], workers, scoring["bf16"])
@@ -191,7 +194,7 @@ def run_scoring(spec, anchors, pack_index, split, cf_indexes: dict, out_scores, 
     write_provenance(out_scores, [spec, anchors, pack_index, split, *cf_indexes.values()],
                      {"classifier.scoring": scoring, "classifier": {k: clf.spec[k] for k in
                       ("kind", "name", "arch", "input_size", "positive_index", "score_space", "threshold", "sha256")}},
-                     rule="score", started=started,
+                     rule=rule, started=started,
                      extra={"n_rows": counts, "seconds": round(seconds, 2), "torch_device": str(device)})
     return df
 

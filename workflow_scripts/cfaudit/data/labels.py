@@ -15,7 +15,8 @@ import pandas as pd
 
 from cfaudit.files import sha256_file
 
-GROUND_TRUTH_COLUMNS = ["image_id", "label", "diagnosis", "source", "licence", "sha256", "path"]
+GROUND_TRUTH_COLUMNS = ["image_id", "label", "diagnosis", "source", "licence", "sha256", "path", "group_id"]
+GROUP_CANDIDATES = ("lesion_id", "patient_id")  # ISIC 2019/2020 metadata; HAM10000 has lesion_id
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 _WORDS = {"malignant": 1, "benign": 0, "1": 1, "0": 0, "1.0": 1, "0.0": 0}
@@ -78,15 +79,28 @@ def _drop_contradictory_duplicates(rows: list[dict], excluded: list[dict]) -> li
     return kept
 
 
+def group_column_of(metadata: pd.DataFrame, setting: str, metadata_name: str = "metadata") -> str:
+    """The metadata column that groups images (config ``split.group_column``); "" when there is none."""
+    if setting == "auto":
+        return next((c for c in GROUP_CANDIDATES if c in metadata.columns
+                     and metadata[c].map(_norm).astype(bool).any()), "")
+    if setting and setting not in metadata.columns:
+        raise LabelError(f"{metadata_name}: split.group_column is {setting!r} but there is no such column (columns: "
+                         f"{list(metadata.columns)}); set split.group_column to one of them, 'auto' or ''")
+    return setting
+
+
 def build_ground_truth(metadata: pd.DataFrame, images_dir: str | os.PathLike, source: str, *,
                        id_column: str, label_column: str | None = None, file_column: str = "",
                        diagnosis_column: str = "diagnosis", licence_column: str = "licence",
-                       metadata_name: str = "metadata") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                       metadata_name: str = "metadata", group_column: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Return ``(ground_truth, excluded, report)``.
 
     ``label_column=None`` applies the ISIC rules (diagnosis_1, then benign_malignant); otherwise the
-    named column holds 0/1. Images that cannot be found are excluded ("file not found").
+    named column holds 0/1. Images that cannot be found are excluded ("file not found"). ``group_id`` is the
+    image's lesion/patient id (:func:`group_column_of`), or the image id itself where there is none.
     """
+    group_col = group_column_of(metadata, group_column, metadata_name)
     images_dir = Path(images_dir)
     if id_column not in metadata.columns:
         raise LabelError(f"{metadata_name}: no id column '{id_column}' (columns: {list(metadata.columns)}); "
@@ -120,8 +134,9 @@ def build_ground_truth(metadata: pd.DataFrame, images_dir: str | os.PathLike, so
         if path is None:
             excluded.append({"image_id": image_id, "reason": f"file not found in {images_dir}"})
             continue
+        group = str(rec[group_col]).strip() if group_col and _norm(rec.get(group_col)) else ""
         rows.append({"image_id": image_id, "label": label, "diagnosis": diagnosis, "source": source,
-                     "licence": licence, "path": str(path)})
+                     "licence": licence, "path": str(path), "group_id": group or image_id})
     rows = _drop_contradictory_duplicates(rows, excluded)
     for r in rows:
         r["sha256"] = sha256_file(r["path"])
@@ -135,6 +150,9 @@ def build_ground_truth(metadata: pd.DataFrame, images_dir: str | os.PathLike, so
         "malignant": int((gt["label"] == 1).sum()),
         "excluded": int(len(ex)),
         "excluded_by_reason": {k: int(v) for k, v in ex["reason"].str.split(":").str[0].value_counts().items()},
+        "group_column": group_col or None,
+        "groups": int(gt["group_id"].nunique()),
+        "images_in_largest_group": int(gt["group_id"].value_counts().max()) if len(gt) else 0,
     }
     if gt.empty:
         raise LabelError(f"{metadata_name}: no image has a usable benign/malignant label ({report['excluded_by_reason']}); "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cfaudit.diffusion.schedule import LinearSchedule
-from cfaudit.files import atomic_path, sha256_file
+from cfaudit.files import save_torch, sha256_file
 from cfaudit.models import model_from_spec
 
 FORMAT = "cfaudit-diffusion-v1"
@@ -39,15 +39,8 @@ def tune_backend(device) -> None:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary sibling, then rename: a kill never leaves a truncated checkpoint."""
-    tmp = atomic_path(path)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return Path(path)
+    """Atomic, byte-reproducible ``torch.save`` (:func:`cfaudit.files.save_torch`)."""
+    return save_torch(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

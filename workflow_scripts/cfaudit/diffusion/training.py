@@ -31,6 +31,7 @@ from cfaudit.diffusion.samplers import autocast
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.files import sha256_file, write_csv
 from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
+from cfaudit.provenance import without_timings
 
 log = logging.getLogger("cfaudit.diffusion")
 
@@ -331,7 +332,9 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
 
     elapsed = time.perf_counter() - t_train
     if main_rank:
-        save_checkpoint(state_dict(), checkpoint_out)
+        final = state_dict()
+        final["history"] = without_timings(final["history"])
+        save_checkpoint(final, checkpoint_out)
         if state_path.exists():
             state_path.unlink()
     ips = images_seen / elapsed if images_seen else float("nan")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cfaudit.files import atomic_path, sha256_file
+from cfaudit.files import atomic_path, save_torch, sha256_file
 from cfaudit.gan.networks import PUBLISHED_ARCH, Discriminator, Generator, GeneratorArch
 
 log = logging.getLogger("cfaudit.gan")
@@ -190,12 +190,8 @@ def checkpoint_dict(generator: Generator, discriminator: Discriminator, g_opt, d
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
-    """Write atomically: a kill during the save leaves the previous file intact."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write atomically (a kill during the save leaves the previous file intact) and byte-reproducibly."""
+    return save_torch(ckpt, path)
 
 
 # ------------------------------------------------------------------------------------------------------------

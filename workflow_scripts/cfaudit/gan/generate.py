@@ -81,9 +81,9 @@ def anchor_images(pack, index, anchors: pd.DataFrame) -> np.ndarray:
 
 
 def generate_shard(checkpoint, classifier_spec, pack, index, anchors_csv, shard: int, n_shards: int,
-                   out_dir, gan_cfg: dict, device="cpu") -> pd.DataFrame:
-    """Counterfactuals (both targets) for shard ``shard`` of ``n_shards`` of the anchors; writes PNGs and
-    ``<out_dir>/index.csv``; returns the index."""
+                   out_dir, gan_cfg: dict, device="cpu", out_index=None) -> pd.DataFrame:
+    """Counterfactuals (both targets) for shard ``shard`` of ``n_shards`` of the anchors; writes PNGs into
+    ``out_dir`` and the index to ``out_index`` (default ``<out_dir>/index.csv``); returns the index."""
     gen_cfg = gan_cfg["generate"]
     mode = gen_cfg["mode"]
     if mode == "train":
@@ -123,7 +123,7 @@ def generate_shard(checkpoint, classifier_spec, pack, index, anchors_csv, shard:
             save_png(img, image_path(out_dir, anchor_id, target))
         rows += index_rows(anchors["image_id"], anchors["label"], target, "gan", out_dir, shard,
                            {**settings_base, "bin": b, "n_bins": n_bins})
-    df = write_index(rows, out_dir / "index.csv")
+    df = write_index(rows, out_index or out_dir / "index.csv")
     log.info("shard %d/%d: %d anchors -> %d counterfactuals at %d px (generator in %s mode)",
              shard, n_shards, len(anchors), len(df), size, mode)
     return df

@@ -54,6 +54,7 @@ from cfaudit.gan.checkpoint import (
     save_checkpoint,
 )
 from cfaudit.gan.networks import Discriminator, Generator, GeneratorArch
+from cfaudit.provenance import without_timings
 
 log = logging.getLogger("cfaudit.gan")
 
@@ -477,10 +478,14 @@ def run_train_gan(pack, index, split, classifier_spec, out_checkpoint, out_loss,
                "train_images_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}
     result = train_gan(images, classifier, gan_cfg, seed=seed, device=device, work_dir=work_dir,
                        data_fingerprint=data_fp)
-    save_checkpoint(result.checkpoint, out_checkpoint)
+    final = dict(result.checkpoint)
+    final["cfaudit"] = {**final["cfaudit"], "history": without_timings(final["cfaudit"]["history"])}
+    save_checkpoint(final, out_checkpoint)
     write_csv(result.history, out_loss)
     plot_losses(result.history, out_curve,
                 title=f"GAN vs classifier '{getattr(classifier, 'name', '?')}' ({result.settings['im_size']} px)")
+    # the resume state only outlives a killed job: once the outputs exist nothing undeclared stays in results/
+    (Path(work_dir) / RESUME_NAME).unlink(missing_ok=True)
     last = result.history.iloc[-1].to_dict()
     return {
         "seed": seed, "train_seconds_this_job": round(result.seconds, 2),

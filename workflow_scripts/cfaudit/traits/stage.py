@@ -12,7 +12,7 @@ import pandas as pd
 
 from cfaudit.counterfactuals import INDEX_COLUMNS
 from cfaudit.files import atomic_path, write_csv
-from cfaudit.traits.analysis import measure, ranked_markdown, select_originals, settings_from_config, selected_features
+from cfaudit.traits.analysis import ORIGINAL, measure, ranked_markdown, select_originals, settings_from_config, selected_features
 from cfaudit.traits.features import FEATURES
 from cfaudit.traits.segmentation import SegmentationSettings
 from cfaudit.traits.statistics import label_statistics, paired_statistics
@@ -38,19 +38,42 @@ def read_indexes(paths, generators) -> pd.DataFrame:
 
 
 def features_step(anchors_path, pack_index_path, split_path, index_paths, generators, traits_cfg: dict,
-                  out_path, workers: int = 1) -> pd.DataFrame:
+                  out_path, workers: int = 1, part: str | None = None) -> pd.DataFrame:
+    """Segmentation + features of the anchors, the other originals and the counterfactuals of ``index_paths``.
+
+    ``part`` (rule traits_features, one job each): ``"original"`` measures the anchors and the other originals
+    only; a generator's name measures that generator's counterfactuals (each with its anchor's mask, so the
+    anchor is segmented again but its row is not written). ``None``: everything in one table."""
     seg, feat = settings_from_config(traits_cfg)
     anchors = pd.read_csv(anchors_path)
     cf = read_indexes(index_paths, generators)
     originals = select_originals(pd.read_csv(pack_index_path), pd.read_csv(split_path), traits_cfg.get("originals", "anchors"))
+    if part is not None and part != ORIGINAL:
+        originals = None
     log.info("measuring %d anchors, %d further originals, %d counterfactuals (%s) with %d worker(s)", len(anchors),
              0 if originals is None else int((~originals["image_id"].isin(anchors["image_id"])).sum()), len(cf),
              ", ".join(generators) or "none", workers)
     table = measure(anchors, cf, originals, seg, feat, workers=workers)
+    if part is not None and part != ORIGINAL:
+        table = table[table["role"] == "counterfactual"]
     write_csv(table, out_path)
     ok = table.groupby("role")["seg_ok"].mean().to_dict()
     log.info("usable segmentations by role: %s", {k: f"{v:.0%}" for k, v in ok.items()})
     return table
+
+
+def gather_features(part_paths, anchors_path, generators) -> pd.DataFrame:
+    """features.csv from the per-part tables of rule traits_features, in the order one job would write it: each
+    anchor followed by its counterfactuals (generators in ``generators`` order), then the other originals."""
+    parts = [pd.read_csv(p, keep_default_na=True) for p in part_paths]
+    table = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else parts[0]
+    anchor_rank = {a: i for i, a in enumerate(pd.read_csv(anchors_path)["image_id"])}
+    generator_rank = {g: i + 1 for i, g in enumerate(generators)}
+    is_extra = table["role"] == ORIGINAL
+    table = table.assign(
+        _a=[len(anchor_rank) if x else anchor_rank[a] for a, x in zip(table["anchor_id"], is_extra)],
+        _g=[0 if r != "counterfactual" else generator_rank[g] for r, g in zip(table["role"], table["generator"])])
+    return table.sort_values(["_a", "_g"], kind="stable").drop(columns=["_a", "_g"]).reset_index(drop=True)
 
 
 def statistics_step(features_path, outputs: dict, *, seed: int, generators, statistics: dict, figures: dict,
