@@ -262,6 +262,7 @@ def test_an_oracle_like_the_audited_classifier_is_refused():
 # The judges tell an adversarial perturbation from a known semantic change
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.acceptance  # ~2 min of training: `make test-acceptance`, not `make test` (CI time)
 def test_pgd_transfers_far_less_than_planted_trait_shifts_and_the_diagnostics_flag_it(tmp_path):
     """Classifier A and an oracle B (other architecture, seed, augmentation) trained on the embedded data. The
     'planted_shift' counterfactuals change the lesion traits that define the class; PGD on A with the same

@@ -40,6 +40,7 @@ def _sizes(paths, work: Path) -> set:
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance  # ~5 min: `make test-acceptance`, not `make test` (CI time)
 def test_each_stage_works_at_its_documented_size(smoke_run):
     work, _ = smoke_run
     anchors = pd.read_csv(work / "results/data/anchors.csv")
@@ -69,6 +70,7 @@ def test_each_stage_works_at_its_documented_size(smoke_run):
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance  # ~5 min: `make test-acceptance`, not `make test` (CI time)
 def test_deepderm_scores_match_torchvision_with_ddi_preprocessing(smoke_run):
     """Scores of a 256 px and a 299 px counterfactual recomputed outside the pipeline: torchvision's Inception-v3
     (built as DDI builds DeepDerm) on Resize(299) -> CenterCrop(299) -> ToTensor -> ImageNet Normalize."""
@@ -94,6 +96,7 @@ def test_deepderm_scores_match_torchvision_with_ddi_preprocessing(smoke_run):
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance  # ~5 min: `make test-acceptance`, not `make test` (CI time)
 def test_the_weights_used_are_the_ones_placed(smoke_run):
     work, digest = smoke_run
     spec = json.loads((work / "results/classifier/classifier.json").read_text())
