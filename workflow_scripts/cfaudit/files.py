@@ -47,9 +47,7 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (UTF-8)."""
-    tmp = atomic_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_bytes(path, text.encode("utf-8"))
 
 
 def atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -16,7 +16,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from cfaudit.files import atomic_path, sha256_file
+from cfaudit.files import atomic_write_text, sha256_file
 
 PACKAGES = ("cfaudit", "snakemake", "torch", "torchvision", "numpy", "pandas", "pillow", "scikit-learn",
             "scipy", "pytorch-fid", "diffusers", "isic-cli", "matplotlib")
@@ -147,9 +147,7 @@ def write_provenance(output, inputs, config_slice: dict, rule: str, started: str
     if extra:
         record.update(extra)
     path = sidecar_path(output)
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=str))
     return path
 
 
