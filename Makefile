@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CORES ?= all
 
-.PHONY: install demo smoke-fullres test test-acceptance test-fast lint dag clean-results benchmark
+.PHONY: install demo smoke-fullres test test-acceptance test-fast lint dag clean-results benchmark docs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test-fast: $(STAMP)
 # Every performance figure (GPU when visible) + the embedded demo end to end; appended to BENCHMARKS.md.
 benchmark: $(STAMP)
 	$(BIN)/python -m cfaudit.benchmark --demo
+
+# docs/configuration.md from the config schemas (tests/test_docs.py checks it is current).
+docs: $(STAMP)
+	$(BIN)/python -m cfaudit.docs_config
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

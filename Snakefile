@@ -1,7 +1,7 @@
 # cfaudit: audit a melanoma classifier with counterfactual images.
 # Stages (one rules file each): data -> classifier -> diffusion / gan / guided counterfactuals -> scoring ->
 # metrics, figures, traits and the HTML report.
-# Run `snakemake -n` to see the DAG; README.md documents every rule and config key.
+# Run `snakemake -n` to see the DAG; docs/ documents every rule (methods.md) and config key (configuration.md).
 import os
 import sys
 

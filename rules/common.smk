@@ -1,6 +1,7 @@
 from snakemake.exceptions import WorkflowError
 
 from cfaudit.config import result_settings
+from cfaudit.names import ORIGINAL  # the originals' share of the score tables
 
 # Shared paths, constants and helpers for every rules file. Rule params hold only settings that can change the
 # rule's outputs (cfaudit.config.RUN_ONLY_KEYS lists those that cannot; scripts read them at run time).
@@ -17,7 +18,6 @@ CF_DIR = f"{RESULTS}/counterfactuals"
 GENERATORS = list(config["counterfactuals"]["generators"])
 SHARDS = list(range(config["counterfactuals"]["shards"]))
 SHARDED_GENERATORS = [g for g in ("gan", "diffusion", "guided", "guided_noclf") if g in GENERATORS]
-ORIGINAL = "original"  # the originals' share of the score tables (cfaudit.scoring.ORIGINAL)
 
 # Each rules file appends the deliverables it adds to `rule all`.
 ALL_TARGETS = []

@@ -23,7 +23,8 @@ def shared_data() -> Path:
     """Real ISIC images (../shared/data beside the repo, or $CFAUDIT_SHARED_DATA); skip if absent."""
     path = Path(os.environ.get("CFAUDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not (path / "isic2017_256" / "labels.csv").exists():
-        pytest.skip(f"real ISIC test images not found at {path} (set CFAUDIT_SHARED_DATA)")
+        pytest.skip(f"needs the real ISIC test images (isic2017_256/labels.csv) in ../shared/data beside the "
+                    f"repository or in $CFAUDIT_SHARED_DATA; not found at {path}")
     return path
 
 

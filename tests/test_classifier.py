@@ -109,7 +109,8 @@ def calibrated(net: torch.nn.Module, seed: int = 4) -> torch.nn.Module:
 
 def test_imagenet_normalisation_with_transform_input_equals_minus_one_one(deepderm_clf):
     """DDI feeds ImageNet-normalised images to Inception-v3 with transform_input=True: the network then
-    sees the image scaled to [-1, 1] (facts §1). Check it numerically, at the input and at the logits."""
+    sees the image scaled to [-1, 1] (DDI-Code ddi_model.py + ddi_dataset.py, github.com/DDI-Dataset/DDI-Code;
+    torchvision's Inception3._transform_input). Check it numerically, at the input and at the logits."""
     g = torch.Generator().manual_seed(3)
     pixels = torch.rand(2, 3, 299, 299, generator=g)  # ToTensor output in [0, 1]
     mean = torch.tensor(C.IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -479,7 +479,8 @@ def test_profiles_are_wired_as_documented():
 
 
 def test_default_profile_holds_no_cluster_settings():
-    """profiles/default is loaded for every run and wins over --profile key by key (facts §7): anything
+    """profiles/default is loaded for every run and wins over --profile key by key (snakemake 9.27.1,
+    observed; docs: snakemake.readthedocs.io, Executing → Command line → Profiles): anything
     there that shapes submissions silently overrides the cluster profiles. `cores` caps every rule's
     threads at the SUBMIT host's core count (-pe omp / --cpus-per-task shrink)."""
     default = yaml.safe_load((PROFILES / "default/config.yaml").read_text()) or {}

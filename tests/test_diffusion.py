@@ -17,7 +17,8 @@ from cfaudit.diffusion import samplers as S
 from cfaudit.diffusion.checkpoint import load_checkpoint, load_generator
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.diffusion.sdedit import sdedit
-from cfaudit.diffusion.training import NonFiniteLossError, run_training, train_diffusion
+from cfaudit.diffusion.stage import run_training
+from cfaudit.diffusion.training import NonFiniteLossError, train_diffusion
 from cfaudit.models import NULL_LABEL, build_diffusion_model, model_spec, n_parameters
 
 
@@ -55,7 +56,7 @@ def test_forward_backward_shapes(arch, size):
 
 
 def test_contextunet_seed_size_and_labels():
-    # the seed's model: n_feat 128 at 256 px has 7.57 M parameters (facts §3)
+    # the seed's model (github.com/howellx/derm_audit): n_feat 128 at 256 px has 7.57 M parameters
     spec_model = build_diffusion_model(diffusion_cfg(model="contextunet", n_feat=128), 256)
     assert round(n_parameters(spec_model) / 1e6, 2) == 7.57
     up0 = spec_model.up0[0]
@@ -116,7 +117,7 @@ def test_ancestral_step_equals_diffusers_ddpm(t):
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
     got = S.ancestral_step(s, x_t, eps, t, z.float())
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
-    # the seed's formula written out in float64 (facts §3), independently of both
+    # the DDPM posterior step (Ho et al. 2020, arXiv:2006.11239, Algorithm 2) in float64, independently of both
     b, a, ab = s.betas.double()[t], 1 - s.betas.double()[t], torch.cumprod(1 - s.betas.double(), 0)[t]
     seed = (x_t.double() - b / (1 - ab).sqrt() * eps.double()) / a.sqrt() + b.sqrt() * z
     assert torch.allclose(got.double(), seed, atol=1e-5)
@@ -346,7 +347,7 @@ def test_sdedit_pairs_targets_and_ignores_batch_composition(tiny_pack, tmp_path)
 
 
 def test_benchmark_command_prints_throughput(capsys, repo_root):
-    from cfaudit.diffusion import bench
+    from cfaudit.benchmark import diffusion as bench
 
     out = bench.main(["--base-config", str(repo_root / "config.yaml"), "--image-size", "32", "--n-feat", "8",
                       "--batch-size", "4", "--train-steps", "1", "--warmup", "1", "--cf-batch-size", "2", "--steps", "2",
@@ -363,7 +364,7 @@ def test_benchmark_command_prints_throughput(capsys, repo_root):
 @pytest.mark.slow
 def test_snakemake_counterfactuals(all_stages_run):
     """The session's run of every stage (tests/conftest.py): both targets of every anchor from two shards, 8-bit
-    RGB at image_size, the sampler settings recorded. What a guidance change reruns: README's table,
+    RGB at image_size, the sampler settings recorded. What a guidance change reruns: docs/reproducibility.md's table,
     tests/test_rerun.py."""
     work = all_stages_run
     anchors = pd.read_csv(work / "results/data/anchors.csv")

@@ -1,6 +1,7 @@
 """FID / KID / classifier-feature FD: the Fréchet distance against closed forms, the weights placement, and
 pytorch-fid's real InceptionV3 code with a SEEDED random-initialised FID-Inception staged offline under a
-temporary TORCH_HOME (facts §6), plus the fallback on the classifier's features when no weights exist."""
+temporary TORCH_HOME (pytorch-fid's src/pytorch_fid/inception.py loads its weights with
+torch.hub.load_state_dict_from_url, which uses a file already in $TORCH_HOME/hub/checkpoints), plus the fallback on the classifier's features when no weights exist."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from cfaudit import fid as F
 from cfaudit.metrics_stage import make_realism
+from fixtures.random_weights import random_fid_inception_state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def test_place_weights_checks_the_release_hash(tmp_path):
 def staged_weights(tmp_path_factory):
     """A seeded random FID-Inception state dict saved as a local weights file (never downloaded)."""
     path = tmp_path_factory.mktemp("fidw") / "random_fid_inception.pth"
-    torch.save(F.random_fid_inception_state_dict(seed=0), path)
+    torch.save(random_fid_inception_state_dict(seed=0), path)
     return path
 
 

@@ -95,7 +95,7 @@ def test_key_mapping_is_a_bijection_onto_the_published_key_list():
     mapped = {published_name(k): tuple(v.shape) for k, v in own.items()}
     assert mapped == dict(keys)
     assert n_parameters(Generator(PUBLISHED_ARCH)) + sum(
-        math.prod(s) for n, s in keys if "running" in n or "tracked" in n) == 11_493_658  # 11.49 M in facts §2
+        math.prod(s) for n, s in keys if "running" in n or "tracked" in n) == 11_493_658  # 11.49 M (derm_audit)
 
 
 def test_random_checkpoint_in_published_layout_loads_and_generates_299(tmp_path):

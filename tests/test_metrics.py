@@ -89,7 +89,7 @@ def test_best_f1_reproduces_sklearn_on_random_cases():
         s = np.round(rng.normal(size=n) + y * rng.random(), 1)  # rounding makes ties
         thr, _ = M.best_f1_threshold(y, s)
         p, r, t = precision_recall_curve(y, s)
-        p, r = p[:-1], r[:-1]  # drop the (P=1, R=0) point without a threshold (facts §4)
+        p, r = p[:-1], r[:-1]  # drop the (P=1, R=0) point: sklearn gives it no threshold
         f = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
         assert f1_score(y, s >= thr) == pytest.approx(f.max(), abs=1e-12)
         assert thr == t[np.flatnonzero(f >= f.max() - 1e-12)[0]]  # lowest among (float-)tied best F1s

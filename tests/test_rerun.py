@@ -1,7 +1,8 @@
 """Snakemake as the contract, on one real tiny run of every stage (all five generators, one oracle, traits, report):
 
-* rerun scope: for each row of the README's "Rerunning stale stages" table, `snakemake -n` with that one edit
-  schedules exactly the rules the table lists (the README is checked against the DAG, not the other way round);
+* rerun scope: for each row of the "Rerunning stale stages" table in docs/reproducibility.md, `snakemake -n` with
+  that one edit schedules exactly the rules the table lists (the docs are checked against the DAG, not the other
+  way round);
   changing every run-only setting at once (cfaudit.config.RUN_ONLY_KEYS) schedules nothing;
 * declared outputs: `--list-untracked` finds nothing under results/ beyond the insides of declared directory()
   outputs, and `--delete-all-output` leaves no file of the pipeline behind;
@@ -49,8 +50,9 @@ def finished(all_stages_run) -> Path:
 # Rerun scope, checked against the README's table
 # ---------------------------------------------------------------------------------------------------------
 def readme_rerun_table() -> list[tuple[str, object, dict[str, int | None]]]:
-    """(dotted key, new value, {rule: job count or None}) of each row of README.md's "Rerunning stale stages"."""
-    text = (REPO / "README.md").read_text()
+    """(dotted key, new value, {rule: job count or None}) of each row of docs/reproducibility.md's "Rerunning stale
+    stages" (the README's table until the README was shortened)."""
+    text = (REPO / "docs" / "reproducibility.md").read_text()
     section = text[text.index("## Rerunning stale stages"):]
     section = section[:section.index("\n## ", 5)]
     rows = []
@@ -99,7 +101,7 @@ def test_the_readme_table_covers_the_issue_s_settings():
     assert {"compute.device", "diffusion.log_every", "metrics.figures.dpi", "diffusion.counterfactual.guidance",
             "classifier.trained.epochs", "gan.train.epochs", "guided.scales", "split.max_anchors",
             "counterfactuals.generators", "resize.mode", "metrics.bootstrap.resamples"} <= keys
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "reproducibility.md").read_text()
     missing = [k for k in RUN_ONLY_KEYS if f"`{k}`" not in readme]
     assert not missing, f"README's run-only list lacks {missing}"
 

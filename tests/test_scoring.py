@@ -16,7 +16,8 @@ from cfaudit import classifiers as C
 from cfaudit.counterfactuals import index_rows, save_png, write_index
 from cfaudit.data.pack import uint8_to_float
 from cfaudit.panels import panel_name, run_panels
-from cfaudit.scoring import SCORE_COLUMNS, benchmark, run_scoring, scoring_jobs
+from cfaudit.benchmark.scoring import benchmark
+from cfaudit.scoring import SCORE_COLUMNS, run_scoring, scoring_jobs
 
 torch.set_num_threads(1)
 SCORING = {"originals": "anchors", "batch_size": 4, "resize_backend": "pil", "bf16": False, "workers": 2}

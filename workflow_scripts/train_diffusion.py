@@ -1,7 +1,7 @@
 """Entry script of rule train_diffusion: train (or resume) the class-conditional diffusion model."""
 
 from cfaudit.config import run_settings
-from cfaudit.diffusion.training import run_training
+from cfaudit.diffusion.stage import run_training
 from cfaudit.runtime import job_device, script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)

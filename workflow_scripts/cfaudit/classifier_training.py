@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfaudit.classifiers import build_arch, main_logits, normalize, resize_center_crop
+from cfaudit.data.pack import uint8_to_float
+from cfaudit.precision import autocast, resolve_precision
 
 log = logging.getLogger("cfaudit.classifier_training")
 
@@ -93,21 +95,16 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, rotate: bool, scale_jit
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC tensor (any device) -> float NCHW in [-1, 1]."""
-    return images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 @torch.no_grad()
 def predict_scores(model: nn.Module, images_u8: torch.Tensor, batch_size: int, positive_index: int = 1,
-                   autocast: bool = False) -> np.ndarray:
+                   amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Softmax probability of the positive class for uint8 NHWC images (already on the model's device)."""
     model.eval()
     out = []
     dev = images_u8.device
     for i in range(0, images_u8.shape[0], batch_size):
-        x = to_float(images_u8[i:i + batch_size])
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        x = uint8_to_float(images_u8[i:i + batch_size])
+        with autocast(dev, amp_dtype):
             logits = model(x)
         out.append(torch.softmax(logits.float(), 1)[:, positive_index].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
@@ -164,7 +161,7 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    autocast = settings.bf16 and device.type == "cuda"
+    _, amp = resolve_precision("auto" if settings.bf16 else "fp32", device)  # bf16 on a GPU only
     history = []
     log.info("training %s from scratch: %d images (%d malignant), input %d, %d epochs, batch %d, device %s",
              settings.arch, n, int(labels.sum()), settings.input_size, settings.epochs, settings.batch_size, device)
@@ -178,11 +175,11 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
             idx = perm[i:i + settings.batch_size]
             if idx.numel() < 2:  # batch norm needs >1 sample
                 continue
-            x = augment(to_float(x_all[idx]), gen, settings.flips, settings.rot90)
+            x = augment(uint8_to_float(x_all[idx]), gen, settings.flips, settings.rot90)
             x = random_affine(x, gen, settings.rotate, settings.scale_jitter, settings.translate)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with autocast(device, amp):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y_all[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
@@ -199,7 +196,7 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
     metrics = {}
     if eval_images is not None and len(eval_images):
         xe = torch.as_tensor(np.ascontiguousarray(eval_images)).to(device)
-        probs = predict_scores(model, xe, settings.eval_batch_size, 1, autocast)
+        probs = predict_scores(model, xe, settings.eval_batch_size, 1, amp)
         metrics = heldout_metrics(eval_labels, probs)
         metrics["eval_probs"] = probs.tolist()
         log.info("held-out AUROC %.4f on %d eval images (%d malignant)", metrics["auroc"], metrics["n_eval"],

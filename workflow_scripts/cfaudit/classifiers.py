@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfaudit.files import atomic_path, sha256_file
+from cfaudit.weights import RetryPolicy, place_verified, state_dict_mismatch
 
 KINDS = ("trained", "deepderm", "checkpoint")
 SCORE_SPACES = ("softmax", "logit")
@@ -55,7 +56,8 @@ class ClassifierError(RuntimeError):
 # Architectures
 # ----------------------------------------------------------------------------------------------------------
 def build_deepderm() -> nn.Module:
-    """torchvision Inception-v3 exactly as DDI builds DeepDerm (facts §1): 580 tensors, 24.39 M parameters."""
+    """torchvision Inception-v3 exactly as DDI builds DeepDerm (Daneshjou et al. 2022, Sci. Adv., doi:10.1126/sciadv.abq6147;
+    github.com/DDI-Dataset/DDI-Code, ddi_model.py): 580 tensors, 24.39 M parameters."""
     from torchvision.models import inception_v3
 
     net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
@@ -272,16 +274,14 @@ def read_state_dict(path: str | os.PathLike, state_dict_key: str = "", strip_pre
 def load_strict(net: nn.Module, state: dict, path) -> nn.Module:
     """``load_state_dict(strict=True)`` with a short, readable report of what does not match."""
     own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
+    mismatch = state_dict_mismatch(own, state)
+    if mismatch:
+        heads = [k for k, _, _ in mismatch.misshaped][:2]
         raise ClassifierError(
-            f"weights {path} do not match the architecture ({len(own)} tensors expected, file has {len(state)}): "
-            f"{len(missing)} missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
-            f"{len(shape)} shape mismatches e.g. {shape[:2]}. Check classifier.kind / arch / num_classes / "
-            f"arch_kwargs / strip_prefix against how the file was saved."
+            f"weights {path} do not match the architecture ({len(own)} tensors expected, file has {len(state)}"
+            f"{f'; {len(mismatch.misshaped)} shape mismatches e.g. {heads}' if heads else ''}): "
+            f"{mismatch.describe(3)}. Check classifier.kind / arch / num_classes / arch_kwargs / strip_prefix "
+            f"against how the file was saved."
         )
     net.load_state_dict(state, strict=True)
     return net
@@ -418,99 +418,12 @@ def load_classifier(spec_path: str | os.PathLike, device: Any = "cpu", channels_
 # ----------------------------------------------------------------------------------------------------------
 # Placing weights (rule place_classifier_weights): local copy or download, always sha256-verified
 # ----------------------------------------------------------------------------------------------------------
-def _download(url: str, dest: Path, retries: int, timeout_s: float, log=None) -> None:
-    """urllib download into ``dest`` with exponential back-off; refuses an HTML page (e.g. a Drive warning)."""
-    import shutil
-    import time
-    import urllib.error
-    import urllib.request
-
-    last: Exception | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            wait = min(60.0, 2.0 ** attempt)
-            if log:
-                log.warning("download attempt %d failed (%s); retrying in %.0f s", attempt, last, wait)
-            time.sleep(wait)
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "cfaudit"})
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp, open(dest, "wb") as fh:
-                ctype = resp.headers.get("Content-Type", "") if hasattr(resp, "headers") else ""
-                if "text/html" in ctype:
-                    raise ClassifierError(
-                        f"{url} returned an HTML page, not a weights file (a login, quota or confirmation page). "
-                        f"Download the file in a browser and set local_path to it."
-                    )
-                shutil.copyfileobj(resp, fh, 1 << 20)
-            return
-        except ClassifierError:
-            raise
-        except urllib.error.HTTPError as err:
-            last = err
-            if err.code not in (408, 429) and err.code < 500:
-                break
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            last = err
-    raise ClassifierError(f"could not download classifier weights from {url} after {retries + 1} attempt(s): {last}")
-
-
 def place_weights(dest: str | os.PathLike, *, local_path: str = "", url: str = "", sha256: str = "",
                   retries: int = 4, timeout_s: float = 120.0, what: str = "classifier.deepderm", log=None) -> Path:
-    """Put the weights file at ``dest`` from ``local_path`` (preferred when it exists) or ``url``.
-
-    The file must match ``sha256``: on a mismatch nothing is placed; with an empty ``sha256`` nothing is
-    placed either, and the error prints the file's hash so a user can check it and paste it into config
-    (the unverified download is kept as ``<dest>.unverified`` and reused on the next attempt).
-    """
-    import shutil
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    unverified = dest.with_name(dest.name + ".unverified")
-    tmp = atomic_path(dest)
-    try:
-        if local_path and Path(local_path).is_file():
-            source = f"local file {local_path}"
-            shutil.copyfile(local_path, tmp)
-        elif url and unverified.is_file():
-            source = f"earlier download of {url} ({unverified})"
-            shutil.copyfile(unverified, tmp)
-        elif url:
-            source = f"download {url}"
-            if log:
-                log.info("downloading %s -> %s", url, dest)
-            _download(url, tmp, retries, timeout_s, log)
-        else:
-            raise ClassifierError(
-                f"no classifier weights to place at {dest}: {what}.local_path "
-                f"{'(' + repr(local_path) + ') does not exist' if local_path else 'is empty'} and {what}.url is empty. "
-                f"Set one of them in config.yaml."
-            )
-        got = sha256_file(tmp)
-        if not sha256:
-            if not (local_path and Path(local_path).is_file()):
-                os.replace(tmp, unverified)
-            raise ClassifierError(
-                f"{what}.sha256 is empty, so the weights from {source} were not placed. Their sha256 is {got} "
-                f"({(unverified if unverified.exists() else Path(local_path)).stat().st_size} bytes). Check it against "
-                f"the publisher, then set {what}.sha256: {got}"
-            )
-        if got.lower() != sha256.lower():
-            if source.startswith("earlier download") and unverified.exists():
-                unverified.unlink()  # a bad earlier download must not be reused
-            raise ClassifierError(
-                f"sha256 mismatch for the weights from {source}: expected {sha256} ({what}.sha256), got {got}. "
-                f"The file is wrong, truncated or was changed; fix {what}.local_path / url or the hash."
-            )
-        os.replace(tmp, dest)
-        if unverified.exists():
-            unverified.unlink()
-        if log:
-            log.info("placed %s (sha256 %s) from %s", dest, got, source)
-        return dest
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Put the weights file at ``dest`` from ``local_path`` (preferred when it exists) or ``url``, sha256-verified
+    (:func:`cfaudit.weights.place_verified`: an empty ``sha256`` places nothing and prints the file's hash)."""
+    return place_verified(dest, sha256=sha256, local_path=local_path, url=url, what=what, error=ClassifierError,
+                          policy=RetryPolicy(retries=retries), timeout_s=timeout_s, logger=log)
 
 
 def spec_training_record(heldout: dict) -> dict:

@@ -32,9 +32,9 @@ def validate_config(config: dict) -> dict:
         where = ".".join(str(p) for p in cause.absolute_path) or "<top level>"
         raise ConfigError(
             f"config key '{where}': {cause.message}. "
-            f"See the config reference in README.md (schema: {SCHEMA.name})."
+            f"See docs/configuration.md (schema: {SCHEMA.name})."
         ) from None
-    fill_defaults(config, _load_schema(SCHEMA))
+    fill_defaults(config, load_schema(SCHEMA))
     check_ema_use(config)
     sort_keys_in_place(config)
     return config
@@ -74,11 +74,28 @@ def check_ema_use(config: dict) -> None:
                               f"no EMA weights: set {key}: false or diffusion.ema_decay > 0 (e.g. 0.995)")
 
 
-def _load_schema(path: Path) -> dict:
+def load_schema(path: Path) -> dict:
+    """One schema file as a dict (the top file, config.schema.yaml, names the section files by ``$ref``)."""
     import yaml
 
     with open(path) as fh:
         return yaml.safe_load(fh)
+
+
+def resolve_ref(ref: str, root: dict, here: Path) -> tuple[dict, dict, Path]:
+    """(target schema, its document, its file) of a ``$ref`` met in ``root`` (read from ``here``).
+
+    Two forms occur: ``#/$defs/name`` inside the same document and ``section.schema.yaml``, a sibling file.
+    The one place that follows references, for filling defaults and for docs/configuration.md.
+    """
+    if ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        return target, root, here
+    path = here.parent / ref
+    loaded = load_schema(path)
+    return loaded, loaded, path
 
 
 def fill_defaults(instance: dict, schema: dict, root: dict | None = None, here: Path = SCHEMA) -> None:
@@ -88,17 +105,8 @@ def fill_defaults(instance: dict, schema: dict, root: dict | None = None, here: 
     their own files, so the defaults are completed here after validation has passed.
     """
     root = schema if root is None else root
-    ref = schema.get("$ref")
-    if ref:
-        if ref.startswith("#/"):
-            target = root
-            for part in ref[2:].split("/"):
-                target = target[part]
-            fill_defaults(instance, target, root, here)
-        else:
-            path = here.parent / ref
-            loaded = _load_schema(path)
-            fill_defaults(instance, loaded, loaded, path)
+    if schema.get("$ref"):
+        fill_defaults(instance, *resolve_ref(schema["$ref"], root, here))
     for key, sub in schema.get("properties", {}).items():
         if key not in instance and "default" in sub:
             instance[key] = copy.deepcopy(sub["default"])
@@ -145,8 +153,8 @@ def config_slice(config: dict, keys: list[str]) -> dict:
 
 # Settings that cannot change a result: how a job runs, not what it computes. Rules keep them out of their params
 # (Snakemake's params rerun trigger would otherwise rerun every job below), and the entry scripts read them from
-# the config at run time (`run_settings`). README "Rerunning stale stages" lists them; tests/test_rerun.py checks
-# that changing them schedules nothing.
+# the config at run time (`run_settings`). docs/reproducibility.md "Rerunning stale stages" lists them;
+# tests/test_rerun.py checks that changing them schedules nothing.
 RUN_ONLY_KEYS = {
     "compute": "device choice (auto / cuda / cpu) and CPU fallback",
     "dataset.isic.retries": "download retries",

@@ -2,15 +2,18 @@
 
 * Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` is placed by :func:`place_weights`
   (rule place_fid_weights) from a configured local file or URL into ``<torch_home>/hub/checkpoints/``, where
-  ``torch.hub`` finds it without a download (facts §6). The model code is pytorch-fid's own
+  ``torch.hub`` finds it without a download (pytorch-fid 0.3.0, src/pytorch_fid/inception.py, loads the weights with
+  ``torch.hub.load_state_dict_from_url``, which uses a file already there). The model code is pytorch-fid's own
   ``InceptionV3`` (FID-Inception blocks, resize to 299 bilinear, [0,1] -> [-1,1]).
 * When the weights cannot be had (no network, no local file), the stage reports the Fréchet distance and
   KID on an oracle's penultimate features (``clf.features`` of a classifier that no generator used, see
   :mod:`cfaudit.oracles`) instead. Those are NOT FID/KID and are labelled ``oracle-feature FD`` /
   ``oracle-feature KID`` everywhere, with the reason. Only with no oracle configured does it fall back to the
   audited classifier's features (``classifier-feature FD``), which favour images optimised against it.
-* The Fréchet distance is computed here (symmetric eigendecompositions, no ``scipy.linalg.sqrtm``, which
-  SciPy 1.18 removes): ``|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1^1/2 S2 S1^1/2)``.
+* The Fréchet distance is computed here with symmetric eigendecompositions:
+  ``|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1^1/2 S2 S1^1/2)``. pytorch-fid's ``calculate_frechet_distance``
+  calls ``scipy.linalg.sqrtm(..., disp=False)``; SciPy 1.17 deprecates and 1.18 removes ``sqrtm``'s ``disp``
+  argument (``sqrtm`` itself stays), so that call fails on SciPy >= 1.18.
 * KID: unbiased MMD^2 with the cubic polynomial kernel ``(x.y/d + 1)^3`` over random subsets (Bińkowski
   et al. 2018), mean and standard deviation over the subsets.
 """
@@ -22,12 +25,16 @@ import json
 import logging
 import os
 import shutil
-import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 from cfaudit.files import atomic_path, sha256_file
+from cfaudit.weights import RetriesExhausted, RetryPolicy, download
 
 log = logging.getLogger("cfaudit.fid")
 
@@ -55,16 +62,6 @@ def weights_target(torch_home: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # Placing the weights
 # ----------------------------------------------------------------------------------------------------------
-def _download(url: str, dst: Path, timeout: float) -> None:
-    tmp = atomic_path(dst)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
-            shutil.copyfileobj(resp, fh, length=1 << 20)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def place_weights(torch_home: str | os.PathLike, weights_path: str = "", url: str = "", check_hash: bool = True,
                   timeout: float = 60.0) -> dict:
     """Put the FID-Inception weights at ``<torch_home>/hub/checkpoints/<WEIGHTS_FILE>``; never raises for
@@ -72,7 +69,7 @@ def place_weights(torch_home: str | os.PathLike, weights_path: str = "", url: st
     ``{available, path, sha256, hash_verified, source, reason, attempts}``.
 
     Order: ``weights_path`` (copied), a file already in place (kept), ``url`` (downloaded with
-    ``timeout``). With ``check_hash`` the file's sha256 must start with ``6726825d`` (pytorch-fid's
+    ``timeout``, one attempt: :func:`cfaudit.weights.download`). With ``check_hash`` the file's sha256 must start with ``6726825d`` (pytorch-fid's
     release); a mismatching file is refused (removed from TORCH_HOME) and the reason recorded.
     """
     dst = weights_target(torch_home)
@@ -105,11 +102,12 @@ def place_weights(torch_home: str | os.PathLike, weights_path: str = "", url: st
             return rec
     if url:
         try:
-            _download(url, dst, timeout)
+            download(url, dst, policy=RetryPolicy(retries=0), timeout_s=timeout, logger=log)
             if rec := verified(f"downloaded from {url}"):
                 return rec
         except Exception as err:  # noqa: BLE001 - any failure to download means "not available"
-            attempts.append(f"download from {url} failed: {type(err).__name__}: {err}")
+            problem = err.last if isinstance(err, RetriesExhausted) else f"{type(err).__name__}: {err}"
+            attempts.append(f"download from {url} failed: {problem}")
     elif not weights_path:
         attempts.append("neither metrics.fid.weights_path nor metrics.fid.weights_url is set")
     reason = ("FID-Inception weights unavailable (" + "; ".join(attempts) + "). Put "
@@ -161,13 +159,10 @@ def fid_inception(home: str | os.PathLike, dims: int = 2048, device="cpu"):
     return model
 
 
-def random_fid_inception_state_dict(seed: int) -> dict:
-    """A state dict of pytorch-fid's FID-Inception structure with SEEDED random weights (He-normal convs,
-    identity batch norm), for offline tests and smoke runs only: its numbers are not FID.
-
-    Default initialisation would give features ~1e-8 and FD ~ 0 between any sets (facts §6).
-    """
-    import torch
+def fid_inception_net():
+    """pytorch-fid's FID-Inception network (the structure ``pytorch_fid.inception.fid_inception_v3`` builds) with
+    torchvision's initialisation and no weights loaded; that function downloads its weights, so the structure is
+    written out here for the benchmark (speed does not depend on the weights) and for the tests' seeded weights."""
     from pytorch_fid import inception as pi
 
     net = pi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -180,20 +175,7 @@ def random_fid_inception_state_dict(seed: int) -> dict:
     net.Mixed_6e = pi.FIDInceptionC(768, channels_7x7=192)
     net.Mixed_7b = pi.FIDInceptionE_1(1280)
     net.Mixed_7c = pi.FIDInceptionE_2(2048)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
-                fan_in = mod.weight[0].numel()
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-                if mod.bias is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.fill_(1.0)
-                mod.bias.zero_()
-                mod.running_mean.zero_()
-                mod.running_var.fill_(1.0)
-    return net.state_dict()
+    return net
 
 
 def batched_features(images: np.ndarray, batch_size: int, device, forward, scale: float, offset: float) -> np.ndarray:
@@ -201,12 +183,14 @@ def batched_features(images: np.ndarray, batch_size: int, device, forward, scale
     x = pixels / scale - offset as float (N, 3, H, W) on ``device`` (channels_last on a GPU)."""
     import torch
 
+    from cfaudit.data.pack import uint8_to_float
+
     out = []
     dev = torch.device(device)
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.as_tensor(np.ascontiguousarray(images[i:i + batch_size])).to(dev)
-            x = x.permute(0, 3, 1, 2).float().div(scale).sub(offset)
+            x = uint8_to_float(x, scale, offset)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(forward(x).flatten(1).double().cpu().numpy())
@@ -239,6 +223,9 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2) (covariances PSD)."""
+    # Kept instead of pytorch-fid's calculate_frechet_distance: that passes sqrtm's `disp` argument, which SciPy
+    # 1.18 removes; a general sqrtm of the non-symmetric S1 S2 also returns complex round-off that pytorch-fid has
+    # to discard, while eigh of the symmetric S1^1/2 S2 S1^1/2 is real, and fd_to_reference reuses S1^1/2.
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, float)), np.atleast_1d(np.asarray(mu2, float))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, float)), np.atleast_2d(np.asarray(sigma2, float))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):

@@ -3,7 +3,7 @@
 * :func:`pr_figure` / :func:`roc_figure`: PR and ROC curves of one generator's counterfactuals (target label
   as ground truth) with the originals (ground-truth label) for reference (seed Figures 7-10).
 * :func:`score_histograms`: the score distribution per target (per label for the originals).
-* :func:`loss_figure`: training-loss curves of the generators that record one (seed Figure 6).
+* :func:`loss_figure`: training-loss curves (seed Figure 6; also each training rule's own loss.png).
 * :func:`realism_figure`: FID (or the classifier-feature FD where FID is unavailable) per generator (Figure 11).
 
 Each function takes DataFrames with documented columns and writes one PNG; nothing is read from disk here.
@@ -49,6 +49,18 @@ def pr_curve(y, s) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[sw["recall"].to_numpy(), 0.0], np.r_[sw["precision"].to_numpy(), 1.0]
 
 
+def _curve_groups(generator: str):
+    """(group, line style, legend label) of the two curves every PR/ROC figure draws: originals, then ``generator``."""
+    yield M.ORIGINAL, ORIGINAL_STYLE, "originals (ground truth)"
+    yield generator, {"color": COLORS.get(generator, "tab:red")}, f"{generator} counterfactuals (target)"
+
+
+def _finish(fig, ax, path, dpi: int, legend_loc: str) -> None:
+    ax.legend(loc=legend_loc, fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path, dpi)
+
+
 def pr_figure(scores: pd.DataFrame, generator: str, path, score_space: str, dpi: int = 150) -> dict:
     """PR curve of ``generator`` vs originals; marks each curve's best-F1 point. Returns plotted numbers.
 
@@ -56,7 +68,7 @@ def pr_figure(scores: pd.DataFrame, generator: str, path, score_space: str, dpi:
     """
     fig, ax = plt.subplots(figsize=(5, 4.4))
     info = {}
-    for group, style in ((M.ORIGINAL, ORIGINAL_STYLE), (generator, {"color": COLORS.get(generator, "tab:red")})):
+    for group, style, label in _curve_groups(generator):
         y, s = _group_arrays(scores, group)
         if len(y) == 0 or y.sum() == 0:
             ax.plot([], [], label=f"{group}: no positives", **style)
@@ -64,16 +76,13 @@ def pr_figure(scores: pd.DataFrame, generator: str, path, score_space: str, dpi:
         r, p = pr_curve(y, s)
         thr, _ = M.best_f1_threshold(y, s)
         best = M.metrics_at(y, s, thr)
-        label = "originals (ground truth)" if group == M.ORIGINAL else f"{generator} counterfactuals (target)"
         ax.step(r, p, where="post", label=f"{label}\nbest F1 {best['f1']:.3f} at {thr:.3g}", **style)
         ax.plot([best["recall"]], [best["precision"]], "o", color=style["color"])
         ax.axhline(y.mean(), color=style["color"], lw=0.6, alpha=0.5)
         info[group] = {"best_threshold": thr, "f1": best["f1"], "n": len(y), "prevalence": float(y.mean())}
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
            title=f"Precision-recall: {generator} (score: {score_space})")
-    ax.legend(loc="lower left", fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path, dpi)
+    _finish(fig, ax, path, dpi, legend_loc="lower left")
     return info
 
 
@@ -83,10 +92,9 @@ def roc_figure(scores: pd.DataFrame, generator: str, path, score_space: str, dpi
 
     fig, ax = plt.subplots(figsize=(5, 4.4))
     info = {}
-    for group, style in ((M.ORIGINAL, ORIGINAL_STYLE), (generator, {"color": COLORS.get(generator, "tab:red")})):
+    for group, style, label in _curve_groups(generator):
         y, s = _group_arrays(scores, group)
         auc, reason = M.auroc(y, s) if len(y) else (np.nan, "no rows")
-        label = "originals (ground truth)" if group == M.ORIGINAL else f"{generator} counterfactuals (target)"
         if reason:
             ax.plot([], [], label=f"{label}: {reason}", **style)
         else:
@@ -96,9 +104,7 @@ def roc_figure(scores: pd.DataFrame, generator: str, path, score_space: str, dpi
     ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
            title=f"ROC: {generator} (score: {score_space})")
-    ax.legend(loc="lower right", fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path, dpi)
+    _finish(fig, ax, path, dpi, legend_loc="lower right")
     return info
 
 
@@ -163,12 +169,21 @@ def read_loss_csv(path: str | os.PathLike | None) -> tuple[pd.DataFrame | None, 
     return out, ""
 
 
-def loss_figure(losses: dict[str, tuple[pd.DataFrame | None, str]], path, dpi: int = 150) -> None:
-    """One panel per model with a loss record: every loss term against epoch (totals bold; log y when all
-    values are positive). ``losses``: ``{name: (frame from read_loss_csv, reason)}``; a missing record
-    gets a panel saying why."""
+def loss_figure(losses: dict[str, tuple[pd.DataFrame | None, str]], path, dpi: int = 150, *, title: str = "",
+                panel_title: str = "{name} training loss", ylabel: str = "loss (mean per epoch)",
+                log_y: bool | None = None) -> None:
+    """The package's one loss plot: one panel per entry, every column but ``epoch`` against epoch (totals, the
+    columns named ``*loss*``, bold; log y when all values are positive, unless ``log_y`` says otherwise).
+
+    ``losses``: ``{name: (frame with an 'epoch' column, reason)}``, e.g. from :func:`read_loss_csv` (rule
+    loss_figure: one panel per model), or the panels of one training run (the diffusion model's MSE, the GAN's
+    adversarial / generator / probe groups); a ``None`` frame gets a panel saying ``reason``. ``panel_title`` is
+    formatted with the entry's name; ``title`` is the figure's.
+    """
     names = list(losses) or ["(none)"]
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8), squeeze=False)
+    if title:
+        fig.suptitle(title)
     for ax, name in zip(axes[0], names):
         df, reason = losses.get(name, (None, "no generator of this run trains a model"))
         if df is None:
@@ -182,9 +197,9 @@ def loss_figure(losses: dict[str, tuple[pd.DataFrame | None, str]], path, dpi: i
             ax.plot(per_epoch["epoch"], per_epoch[c], marker="o" if len(per_epoch) < 30 else None, ms=3,
                     lw=2.0 if total else 1.0, alpha=1.0 if total else 0.8, label=c)
         vals = per_epoch[cols].to_numpy(float)
-        if np.all(vals[np.isfinite(vals)] > 0):
+        if np.all(vals[np.isfinite(vals)] > 0) if log_y is None else log_y:
             ax.set_yscale("log")
-        ax.set(xlabel="epoch", ylabel="loss (mean per epoch)", title=f"{name} training loss")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=panel_title.format(name=name))
         ax.legend(fontsize=7, ncol=2 if len(cols) > 6 else 1)
         ax.grid(alpha=0.3)
     fig.tight_layout()

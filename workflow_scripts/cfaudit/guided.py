@@ -37,21 +37,20 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, image_path, index_rows, save_png
+from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, shard_inputs, write_shard
 from cfaudit.data.pack import float_to_uint8, uint8_to_float
-from cfaudit.diffusion.samplers import autocast, guided_eps, make_sampler
+from cfaudit.diffusion.samplers import guided_eps, make_sampler
 from cfaudit.diffusion.schedule import LinearSchedule
-from cfaudit.diffusion.sdedit import AnchorNoise, anchor_seed, shard_inputs
+from cfaudit.diffusion.sdedit import AnchorNoise
 from cfaudit.files import write_csv
 from cfaudit.models import NULL_LABEL
+from cfaudit.precision import autocast
 
 GENERATOR = "guided"
 OUTCOME_COLUMNS = ["flipped", "scale", "attempts", "guided_steps", "steps", "early_stopped", "final_score", "mask_fraction"]
@@ -160,91 +159,132 @@ def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
     per-pair tensors: guided_steps, early_stopped, mask_fraction) and the number of denoising steps.
     ``trace`` (tests): a list that receives, per step, {t, t_prev, x (after the step), mask or None, path}.
     """
-    device = anchors.device
-    a = anchors.float()
-    targets = targets.to(device=device, dtype=torch.long)
-    p = a.shape[0]
-    w = float(cfg["cfg_guidance"])
-    mcfg, ecfg = cfg["mask"], cfg["early_stop"]
-    noise = AnchorNoise(seeds, a.shape[1:], device)
-    t0 = schedule.t_start(cfg["strength"])
-    n0 = noise.draw()
-    x = schedule.q_sample(a, t0, n0)
-    smp = make_sampler(cfg["sampler"], schedule, cfg["steps"])
-    ts = smp.timesteps(t0)
-    smp.reset()
-    noise_fn = noise.draw if smp.stochastic else None
-    mask_from = int(math.floor(float(mcfg["start"]) * len(ts)))
-    guiding = torch.full((p,), scale > 0, dtype=torch.bool, device=device)
-    paused = torch.zeros(p, dtype=torch.bool, device=device)  # early-stopped: target reached with the margin
-    frozen = torch.zeros(p, dtype=torch.bool, device=device)  # finish: x0 -> image fixed at its early-stop estimate
-    resume = bool(ecfg["enabled"]) and bool(ecfg.get("resume", False)) and ecfg["finish"] == "denoise"
-    guided_steps = torch.zeros(p, dtype=torch.long, device=device)
-    mask_frac = torch.ones(p, device=device)
-    out = torch.empty_like(a)
-    null = torch.full_like(targets, NULL_LABEL)
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else 0
-        with torch.no_grad():
-            if cfg["consensus"]:
-                e_c = guided_eps(model, x, t, targets, 0.0, amp_dtype, channels_last)
-                e_u = guided_eps(model, x, t, null, 0.0, amp_dtype, channels_last)
-                eps, direction = (1.0 + w) * e_c - w * e_u, e_c - e_u
-            else:
-                eps, direction = guided_eps(model, x, t, targets, w, amp_dtype, channels_last), None
-            ab = float(schedule.alpha_bar[t])
-            x0 = ((x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)).clamp(-1.0, 1.0)
-        masked = bool(mcfg["enabled"]) and i >= mask_from
-        m = change_mask(x0, a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
-        g = torch.zeros_like(a)
+    run = GuidedRun(model, schedule, clf, anchors, targets, seeds, cfg, scale, amp_dtype, channels_last)
+    x = run.x_start
+    for i in range(len(run.ts)):
+        x = run.step(i, x, trace)
+    return run.finish(x)
+
+
+class GuidedRun:
+    """One :func:`guided_sample` call (steps 1-5 of the module docstring): the pairs' fixed inputs, the sampler, and
+    the per-pair state that the steps update (tensors of length P on the anchors' device)."""
+
+    def __init__(self, model, schedule: LinearSchedule, clf, anchors: torch.Tensor, targets: torch.Tensor, seeds,
+                 cfg: dict, scale: float, amp_dtype=None, channels_last: bool = False):
+        self.model, self.schedule, self.clf, self.cfg, self.scale = model, schedule, clf, cfg, scale
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+        self.a = anchors.float()
+        device = self.a.device
+        self.targets = targets.to(device=device, dtype=torch.long)
+        p = self.a.shape[0]
+        # 1. the SDEdit start with each anchor's fixed starting noise n0 (also the anchor's path outside the mask)
+        noise = AnchorNoise(seeds, self.a.shape[1:], device)
+        t0 = schedule.t_start(cfg["strength"])
+        self.n0 = noise.draw()
+        self.x_start = schedule.q_sample(self.a, t0, self.n0)
+        self.smp = make_sampler(cfg["sampler"], schedule, cfg["steps"])
+        self.ts = self.smp.timesteps(t0)
+        self.smp.reset()
+        self.noise_fn = noise.draw if self.smp.stochastic else None
+        self.mask_from = int(math.floor(float(cfg["mask"]["start"]) * len(self.ts)))
+        ecfg = cfg["early_stop"]
+        self.resume = bool(ecfg["enabled"]) and bool(ecfg.get("resume", False)) and ecfg["finish"] == "denoise"
+        self.guiding = torch.full((p,), scale > 0, dtype=torch.bool, device=device)
+        self.paused = torch.zeros(p, dtype=torch.bool, device=device)  # early-stopped: target reached with the margin
+        self.frozen = torch.zeros(p, dtype=torch.bool, device=device)  # finish: x0 -> image fixed at its estimate
+        self.guided_steps = torch.zeros(p, dtype=torch.long, device=device)
+        self.mask_frac = torch.ones(p, device=device)
+        self.out = torch.empty_like(self.a)
+
+    @torch.no_grad()
+    def estimate(self, x: torch.Tensor, t: int):
+        """2. The CFG eps toward the targets, the model's class direction eps(y) - eps(null) (``consensus`` only, else
+        None) and the clamped one-step clean estimate x0."""
+        w = float(self.cfg["cfg_guidance"])
+        args = (self.amp_dtype, self.channels_last)
+        if self.cfg["consensus"]:
+            e_c = guided_eps(self.model, x, t, self.targets, 0.0, *args)
+            e_u = guided_eps(self.model, x, t, torch.full_like(self.targets, NULL_LABEL), 0.0, *args)
+            eps, direction = (1.0 + w) * e_c - w * e_u, e_c - e_u
+        else:
+            eps, direction = guided_eps(self.model, x, t, self.targets, w, *args), None
+        ab = float(self.schedule.alpha_bar[t])
+        return eps, direction, ((x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)).clamp(-1.0, 1.0)
+
+    def classifier_term(self, x0: torch.Tensor, direction, m):
+        """2. + 5. The classifier gradient g on the estimate (zero for the pairs not guided this step) and the indices
+        of the pairs whose classifier term was evaluated; the early stop is decided on the same scores."""
+        g = torch.zeros_like(self.a)
         # pairs whose classifier term is evaluated this step: paused ones too when guidance may resume
-        watch = ~frozen & (guiding | paused) if resume else ~frozen & guiding & ~paused
+        watch = ~self.frozen & ((self.guiding | self.paused) if self.resume else self.guiding & ~self.paused)
         idx = torch.nonzero(watch).flatten()
-        if len(idx):
-            gi, score = classifier_gradient(clf, x0[idx], a[idx], targets[idx], l1_weight=float(cfg["l1_weight"]),
-                                            normalize=str(cfg["normalize_gradient"]),
-                                            class_direction=direction[idx] if direction is not None else None,
-                                            amp_dtype=amp_dtype)
-            if ecfg["enabled"]:
-                reached = on_target_side(score, targets[idx], clf.threshold, float(ecfg["margin"]))
-                newly = reached & ~paused[idx]
-                if resume:  # a paused image whose estimate fell back to the source side is guided again
-                    back = paused[idx] & ~on_target_side(score, targets[idx], clf.threshold)
-                    paused[idx[back]] = False
-                paused[idx[newly]] = True
-                stop = idx[newly]
-                if ecfg["finish"] == "x0" and len(stop):
-                    est = x0[stop]
-                    if m is not None:
-                        est = m[stop] * est + (1.0 - m[stop]) * a[stop]
-                        mask_frac[stop] = m[stop].flatten(1).mean(1)
-                    out[stop] = est
-                    frozen[stop] = True
-                on = ~paused[idx]
-                gi[~on] = 0.0
-                guided_steps[idx[on]] += 1
-            else:
-                guided_steps[idx] += 1
-            g[idx] = gi
+        if not len(idx):
+            return g, idx
+        gi, score = classifier_gradient(self.clf, x0[idx], self.a[idx], self.targets[idx],
+                                        l1_weight=float(self.cfg["l1_weight"]),
+                                        normalize=str(self.cfg["normalize_gradient"]),
+                                        class_direction=direction[idx] if direction is not None else None,
+                                        amp_dtype=self.amp_dtype)
+        if self.cfg["early_stop"]["enabled"]:
+            on = self.early_stop(idx, score, x0, m)
+            gi[~on] = 0.0
+            self.guided_steps[idx[on]] += 1
+        else:
+            self.guided_steps[idx] += 1
+        g[idx] = gi
+        return g, idx
+
+    def early_stop(self, idx: torch.Tensor, score: torch.Tensor, x0: torch.Tensor, m) -> torch.Tensor:
+        """5. Pause the watched pairs ``idx`` whose estimate is past the threshold with the margin (with ``finish: x0``
+        their image becomes that estimate), resume paused ones back on the source side; True where still guided."""
+        ecfg, threshold, targets = self.cfg["early_stop"], self.clf.threshold, self.targets[idx]
+        newly = on_target_side(score, targets, threshold, float(ecfg["margin"])) & ~self.paused[idx]
+        if self.resume:  # a paused image whose estimate fell back to the source side is guided again
+            back = self.paused[idx] & ~on_target_side(score, targets, threshold)
+            self.paused[idx[back]] = False
+        self.paused[idx[newly]] = True
+        stop = idx[newly]
+        if ecfg["finish"] == "x0" and len(stop):
+            est = x0[stop]
+            if m is not None:
+                est = m[stop] * est + (1.0 - m[stop]) * self.a[stop]
+                self.mask_frac[stop] = m[stop].flatten(1).mean(1)
+            self.out[stop] = est
+            self.frozen[stop] = True
+        return ~self.paused[idx]
+
+    def step(self, i: int, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
+        """One step t -> t' of every pair: estimate, mask (4.), classifier term, the sampler's step moved by
+        ``-scale * c * g`` (3.), the anchor's path outside the mask; returns x_t'."""
+        ts, mcfg = self.ts, self.cfg["mask"]
+        t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else 0)
+        eps, direction, x0 = self.estimate(x, t)
+        masked = bool(mcfg["enabled"]) and i >= self.mask_from
+        m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
+        g, idx = self.classifier_term(x0, direction, m)
         with torch.no_grad():
-            x_next = smp.step(x, eps, i, ts, noise_fn)
+            x_next = self.smp.step(x, eps, i, ts, self.noise_fn)
             if len(idx):
-                x_next = x_next - (scale * shift_coefficient(schedule, t, t_prev, cfg["scale_mode"])) * g
+                x_next = x_next - (self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"])) * g
             path = None
             if m is not None:
-                path = anchor_path(schedule, a, t_prev, n0)
+                path = anchor_path(self.schedule, self.a, t_prev, self.n0)
                 x_next = m * x_next + (1.0 - m) * path
-                live = ~frozen
-                mask_frac[live] = m[live].flatten(1).mean(1)
-            x = x_next
+                live = ~self.frozen
+                self.mask_frac[live] = m[live].flatten(1).mean(1)
         if trace is not None:
-            trace.append({"t": t, "t_prev": t_prev, "x": x.detach().clone(), "mask": None if m is None else m.clone(),
+            trace.append({"t": t, "t_prev": t_prev, "x": x_next.detach().clone(), "mask": None if m is None else m.clone(),
                           "path": None if path is None else path.clone()})
-    live = ~frozen
-    out[live] = x[live]
-    info = {"guided_steps": guided_steps, "early_stopped": paused, "mask_fraction": mask_frac if mcfg["enabled"] else
-            torch.ones(p, device=device)}
-    return out.clamp(-1.0, 1.0), info, len(ts)
+        return x_next
+
+    def finish(self, x: torch.Tensor):
+        """The images (frozen pairs keep their early-stop estimate), the per-pair info and the number of steps."""
+        live = ~self.frozen
+        self.out[live] = x[live]
+        mask_fraction = self.mask_frac if self.cfg["mask"]["enabled"] else torch.ones_like(self.mask_frac)
+        info = {"guided_steps": self.guided_steps, "early_stopped": self.paused, "mask_fraction": mask_fraction}
+        return self.out.clamp(-1.0, 1.0), info, len(self.ts)
 
 
 @torch.no_grad()
@@ -315,38 +355,34 @@ def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, 
 def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.DataFrame, pack_path, pack_index_path, out_dir,
               shard: int, n_shards: int, cfg: dict, seed: int, device, amp_dtype=None, channels_last: bool = False,
               generator: str = GENERATOR):
-    """Write both targets' guided counterfactuals of shard ``shard``; return (index DataFrame rows, seconds)."""
+    """Write both targets' guided counterfactuals of shard ``shard`` (:func:`cfaudit.counterfactuals.write_shard`);
+    return (index DataFrame with the outcome columns, seconds)."""
     check_settings(cfg)
-    out_dir = Path(out_dir)
     ids, labels, pixels = shard_inputs(anchors, shard, n_shards, pack_path, pack_index_path, out_dir,
                                        meta["spec"]["image_size"])
-    settings = guided_settings(cfg, seed, schedule, meta, clf)
-    frames = []
-    bs = int(cfg["batch_size"])
-    t_begin, done = time.perf_counter(), 0
-    for lo in range(0, len(ids), bs):
-        batch_ids, batch_labels = ids[lo:lo + bs], labels[lo:lo + bs]
-        b = len(batch_ids)
-        x0 = uint8_to_float(torch.from_numpy(pixels[lo:lo + bs])).to(device)
-        a_seeds = [anchor_seed(seed, a) for a in batch_ids]
+
+    def generate(batch_pixels, seeds):
+        b = len(seeds)
+        x0 = uint8_to_float(torch.from_numpy(batch_pixels)).to(device)
         # pairs, target-major: [all anchors -> target 0, all anchors -> target 1]
-        anchors_x = x0.repeat(len(TARGETS), 1, 1, 1)
         targets = torch.tensor(list(TARGETS), device=device, dtype=torch.long).repeat_interleave(b)
-        images, outcome = guided_ladder(model, schedule, clf, anchors_x, targets, a_seeds * len(TARGETS), cfg,
-                                        amp_dtype=amp_dtype, channels_last=channels_last)
-        for k, target in enumerate(TARGETS):
-            for n, a in enumerate(batch_ids):
-                save_png(images[k * b + n], image_path(out_dir, a, target))
-            rows = pd.DataFrame(index_rows(batch_ids, batch_labels, target, generator, out_dir, shard, settings))
-            frames.append(pd.concat([rows, outcome.iloc[k * b:(k + 1) * b].reset_index(drop=True)], axis=1))
-        done += b
-        rate = done / max(time.perf_counter() - t_begin, 1e-9)
-        flips = float(outcome["flipped"].mean())
-        log.info("shard %d: %d/%d anchors (%.2f anchors/s); this batch: %.0f%% on the target side, scales used %s",
-                 shard, done, len(ids), rate, 100 * flips, outcome["scale"].value_counts().sort_index().to_dict())
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS + OUTCOME_COLUMNS)
+        images, outcome = guided_ladder(model, schedule, clf, x0.repeat(len(TARGETS), 1, 1, 1), targets,
+                                        seeds * len(TARGETS), cfg, amp_dtype=amp_dtype, channels_last=channels_last)
+        return [(images[k * b:(k + 1) * b], outcome.iloc[k * b:(k + 1) * b]) for k in range(len(TARGETS))]
+
+    df, seconds = write_shard(generate, ids, labels, pixels, out_dir=out_dir, shard=shard, generator=generator,
+                              settings=guided_settings(cfg, seed, schedule, meta, clf), batch_size=int(cfg["batch_size"]),
+                              seed=seed, batch_note=batch_note)
+    if not len(df):
+        df = pd.DataFrame(columns=INDEX_COLUMNS + OUTCOME_COLUMNS)
     df = df.sort_values(["target_label", "anchor_id"], kind="stable").reset_index(drop=True)
-    return df[INDEX_COLUMNS + OUTCOME_COLUMNS], time.perf_counter() - t_begin
+    return df[INDEX_COLUMNS + OUTCOME_COLUMNS], seconds
+
+
+def batch_note(outcome: pd.DataFrame) -> str:
+    """The tail of a batch's progress line: the share of its pairs on the target side and the scales used."""
+    return (f"; this batch: {100 * float(outcome['flipped'].mean()):.0f}% on the target side, scales used "
+            f"{outcome['scale'].value_counts().sort_index().to_dict()}")
 
 
 def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_csv, out_index, out_dir, shard: int,
@@ -354,7 +390,8 @@ def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_c
                      rule: str = "guided_counterfactuals", generator: str = GENERATOR) -> pd.DataFrame:
     """Entry point of rule guided_counterfactuals: load generator + classifier, write one shard's PNGs + index."""
     from cfaudit.classifiers import load_classifier
-    from cfaudit.diffusion.checkpoint import load_generator, resolve_precision
+    from cfaudit.diffusion.checkpoint import load_generator
+    from cfaudit.precision import resolve_precision
     from cfaudit.provenance import now, write_provenance
 
     started = now()

@@ -28,7 +28,9 @@ import math
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
-from scipy.stats import norm
+
+from cfaudit.data.pack import round_to_uint8
+from cfaudit.metrics import Interval, bootstrap, wilson_interval
 
 DIRECTIONS = {"b2m": (0, 1), "m2b": (1, 0)}  # name: (anchor label, target label)
 TRANSFORMS = ("jpeg75", "blur0.5", "shift1")
@@ -37,26 +39,6 @@ TRANSFORMS = ("jpeg75", "blur0.5", "shift1")
 # ----------------------------------------------------------------------------------------------------------
 # Intervals
 # ----------------------------------------------------------------------------------------------------------
-def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (no continuity correction); (nan, nan) for n = 0.
-
-    Unlike a bootstrap, 13/13 gives [0.772, 1.000] rather than [1, 1]: the interval says how little 13 trials
-    can show.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: k={k} must lie in [0, n={n}]")
-    z = float(norm.ppf(0.5 + level / 2))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends (rounding would give 1 - 1e-16)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return lo, hi
-
-
 def rate_row(flags, level: float = 0.95) -> dict:
     """estimate / ci_low / ci_high / n of a 0/1 array (nan entries dropped), Wilson interval."""
     f = np.asarray(flags, dtype=float)
@@ -66,16 +48,19 @@ def rate_row(flags, level: float = 0.95) -> dict:
     return {"estimate": k / n if n else math.nan, "ci_low": lo, "ci_high": hi, "n": n, "interval": "Wilson"}
 
 
+def bootstrap_row(iv: Interval, n: int) -> dict:
+    """A judges-table row of one :func:`cfaudit.metrics.bootstrap` interval over ``n`` units."""
+    return {"estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": n, "interval": "bootstrap"}
+
+
 def mean_row(values, resamples: int, seed: int, level: float = 0.95) -> dict:
     """Mean of the finite values with a percentile-bootstrap interval over them (units = anchors)."""
-    from cfaudit.metrics import bootstrap
-
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
-        return {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0, "interval": "bootstrap"}
+        return bootstrap_row(Interval(math.nan, math.nan, math.nan, resamples, 0), 0)
     iv = bootstrap(lambda idx: {"m": float(v[idx].mean())}, len(v), resamples, seed, level)["m"]
-    return {"estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": len(v), "interval": "bootstrap"}
+    return bootstrap_row(iv, len(v))
 
 
 def paired_difference(a, b, resamples: int, seed: int, level: float = 0.95) -> dict:
@@ -142,7 +127,7 @@ def jpeg(image: np.ndarray, quality: int = 75) -> np.ndarray:
 def blur(image: np.ndarray, sigma: float = 0.5) -> np.ndarray:
     """Gaussian blur of each channel (sigma in pixels, reflected borders), rounded back to uint8."""
     out = gaussian_filter(image.astype(np.float64), sigma=(sigma, sigma, 0), mode="reflect", truncate=4.0)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return round_to_uint8(out)
 
 
 def shift(image: np.ndarray, pixels: int = 1) -> np.ndarray:
@@ -252,3 +237,45 @@ def verdict(generator: str, vs_pgd: dict | None, survival: float, out_of_gamut: 
     if np.isfinite(out_of_gamut) and out_of_gamut > max(0.05, 3 * real_out_of_gamut):
         notes.append(f"off-gamut colours ({out_of_gamut:.1%} of changed pixels)")
     return head + ("; " + "; ".join(notes) if notes else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 1's oracle rows
+# ----------------------------------------------------------------------------------------------------------
+def oracle_table1_rows(scores: pd.DataFrame, threshold: float, oracle_tabs: dict, oracle_thr: dict, generators,
+                       boot: dict, seed: int) -> pd.DataFrame:
+    """Rows in Table 1's long format (cfaudit.metrics.TABLE_COLUMNS) per generator: each oracle's flip rate per
+    direction (Wilson), the mean over oracles and its score change toward the target (bootstrap), and the transfer
+    ratio (mean oracle flip rate / audited flip rate)."""
+    from cfaudit.metrics import TABLE_COLUMNS
+
+    level, res = boot["level"], boot["resamples"]
+    out = []
+
+    def add(gen, metric, r, rule, note=""):
+        out.append({"group": gen, "ground_truth": "target label", "metric": metric, "estimate": r["estimate"],
+                    "ci_low": r["ci_low"], "ci_high": r["ci_high"], "ci_level": level,
+                    "resamples": res if r.get("interval") == "bootstrap" else 0,
+                    "resamples_valid": res if r.get("interval") == "bootstrap" else 0, "n_units": r["n"],
+                    "n_images": r["n"], "rule": rule, "note": note})
+
+    for pos, gen in enumerate(generators):
+        audited = per_anchor_flips(scores, gen, threshold)
+        per_oracle = {n: per_anchor_flips(t, gen, oracle_thr[n]) for n, t in oracle_tabs.items()}
+        if not per_oracle:
+            continue
+        cons = oracle_consensus(per_oracle)
+        for k, (direction, arrow) in enumerate((("b2m", "b→m"), ("m2b", "m→b"))):
+            for name, df in per_oracle.items():
+                add(gen, f"oracle flip rate {arrow} [{name}]", rate_row(df.loc[df["direction"] == direction, "flipped"],
+                                                                          level), "oracle score > its threshold; Wilson")
+            c = cons[cons["direction"] == direction]
+            mean = mean_row(c["flipped"], res, seed + 20 * pos + k, level)
+            add(gen, f"oracle flip rate {arrow} (mean of oracles)", mean, "per-anchor mean over oracles; bootstrap")
+            add(gen, f"oracle score change toward target {arrow} (mean)",
+                mean_row(c["delta"], res, seed + 20 * pos + 10 + k, level), "bootstrap over anchors")
+            aud = rate_row(audited.loc[audited["direction"] == direction, "flipped"], level)
+            ratio = mean["estimate"] / aud["estimate"] if aud["estimate"] else math.nan
+            add(gen, f"transfer ratio {arrow} (oracle / audited flips)",
+                {"estimate": ratio, "ci_low": math.nan, "ci_high": math.nan, "n": aud["n"]}, "ratio of estimates")
+    return pd.DataFrame(out, columns=TABLE_COLUMNS)

@@ -49,7 +49,7 @@ def make_diagnostics(spec_path, index_paths: dict, anchors_path, pack, pack_inde
     """diagnostics_per_image.csv: one row per anchor (generator 'original') and per counterfactual."""
     from cfaudit.classifiers import load_classifier
     from cfaudit.data.pack import load_pack
-    from cfaudit.diffusion.sdedit import read_anchor_pixels
+    from cfaudit.counterfactuals import read_anchor_pixels
 
     clf = load_classifier(spec_path, device)
     anchors = pd.read_csv(anchors_path)
@@ -175,8 +175,7 @@ def fd_paired_difference(features: dict, a: str, b: str, resamples: int, seed: i
         sb = np.concatenate([rows_b[i] for i in idx])
         return {"d": fd(fa[sa]) - fd(fb[sb])}
 
-    iv = bootstrap(stat, len(shared), resamples, seed, level)["d"]
-    return {"estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": len(shared), "interval": "bootstrap"}
+    return J.bootstrap_row(bootstrap(stat, len(shared), resamples, seed, level)["d"], len(shared))
 
 
 def comparison_pairs(generators: list[str]) -> list[tuple[str, str]]:
@@ -371,45 +370,3 @@ def judges_markdown(summary: pd.DataFrame, diffs: pd.DataFrame, notes: list[str]
     lines += [f"| {r.a} | {r.b} | {r.direction} | {r.metric} | {r.estimate:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "
               f"| {r.n} |" for r in diffs.itertuples(index=False)]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Table 1's oracle rows
-# ----------------------------------------------------------------------------------------------------------
-def oracle_table1_rows(scores: pd.DataFrame, threshold: float, oracle_tabs: dict, oracle_thr: dict, generators,
-                       boot: dict, seed: int) -> pd.DataFrame:
-    """Rows in Table 1's long format (cfaudit.metrics.TABLE_COLUMNS) per generator: each oracle's flip rate per
-    direction (Wilson), the mean over oracles and its score change toward the target (bootstrap), and the transfer
-    ratio (mean oracle flip rate / audited flip rate)."""
-    from cfaudit.metrics import TABLE_COLUMNS
-
-    level, res = boot["level"], boot["resamples"]
-    out = []
-
-    def add(gen, metric, r, rule, note=""):
-        out.append({"group": gen, "ground_truth": "target label", "metric": metric, "estimate": r["estimate"],
-                    "ci_low": r["ci_low"], "ci_high": r["ci_high"], "ci_level": level,
-                    "resamples": res if r.get("interval") == "bootstrap" else 0,
-                    "resamples_valid": res if r.get("interval") == "bootstrap" else 0, "n_units": r["n"],
-                    "n_images": r["n"], "rule": rule, "note": note})
-
-    for pos, gen in enumerate(generators):
-        audited = J.per_anchor_flips(scores, gen, threshold)
-        per_oracle = {n: J.per_anchor_flips(t, gen, oracle_thr[n]) for n, t in oracle_tabs.items()}
-        if not per_oracle:
-            continue
-        cons = J.oracle_consensus(per_oracle)
-        for k, (direction, arrow) in enumerate((("b2m", "b→m"), ("m2b", "m→b"))):
-            for name, df in per_oracle.items():
-                add(gen, f"oracle flip rate {arrow} [{name}]", J.rate_row(df.loc[df["direction"] == direction, "flipped"],
-                                                                          level), "oracle score > its threshold; Wilson")
-            c = cons[cons["direction"] == direction]
-            mean = J.mean_row(c["flipped"], res, seed + 20 * pos + k, level)
-            add(gen, f"oracle flip rate {arrow} (mean of oracles)", mean, "per-anchor mean over oracles; bootstrap")
-            add(gen, f"oracle score change toward target {arrow} (mean)",
-                J.mean_row(c["delta"], res, seed + 20 * pos + 10 + k, level), "bootstrap over anchors")
-            aud = J.rate_row(audited.loc[audited["direction"] == direction, "flipped"], level)
-            ratio = mean["estimate"] / aud["estimate"] if aud["estimate"] else math.nan
-            add(gen, f"transfer ratio {arrow} (oracle / audited flips)",
-                {"estimate": ratio, "ci_low": math.nan, "ci_high": math.nan, "n": aud["n"]}, "ratio of estimates")
-    return pd.DataFrame(out, columns=TABLE_COLUMNS)

@@ -3,7 +3,7 @@
 Input contract (every function that takes ``y_true, score``):
 
 * ``y_true``: 1-D array-like of 0/1 integers (1 = malignant). For originals it is the ground-truth label,
-  for counterfactuals the TARGET label (facts §4).
+  for counterfactuals the TARGET label (the seed report's Table 1 protocol; docs/methods.md).
 * ``score``: 1-D array-like of finite floats of the same length, in the classifier's score space
   (softmax probability of malignancy or raw malignant logit); larger = more malignant.
 
@@ -37,7 +37,9 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-ORIGINAL = "original"
+from cfaudit.data.pack import unit_float
+from cfaudit.names import ORIGINAL
+
 TABLE_COLUMNS = ["group", "ground_truth", "metric", "estimate", "ci_low", "ci_high", "ci_level", "resamples",
                  "resamples_valid", "n_units", "n_images", "rule", "note"]
 # Order and description of every Table 1 row; the descriptions feed table1.md and the report captions.
@@ -217,33 +219,58 @@ class Interval:
     valid: int
 
 
-def bootstrap(statistic: Callable[[np.ndarray], Mapping[str, float]], n_units: int, resamples: int, seed: int,
-              level: float = 0.95) -> dict[str, Interval]:
-    """Seeded percentile bootstrap of every number ``statistic`` returns.
+def bootstrap(statistic: Callable[..., Mapping[str, float]], n_units: int | tuple[int, ...], resamples: int,
+              seed: int | np.random.Generator, level: float = 0.95) -> dict[str, Interval]:
+    """Seeded percentile bootstrap of every number ``statistic`` returns: the package's only bootstrap.
 
     ``statistic(idx)`` gets an int array of unit indices (``np.arange(n_units)`` for the estimate, a
     resample with replacement otherwise) and returns ``{name: value}``. Each resample draws ``n_units``
-    indices from ``np.random.default_rng(seed)``; the interval is the ``(1-level)/2`` and ``(1+level)/2``
-    percentiles of the finite resampled values (nan if none).
+    indices from ``np.random.default_rng(seed)`` (a Generator passed as ``seed`` is used as it is, so several
+    calls can share one stream); the interval is the ``(1-level)/2`` and ``(1+level)/2`` percentiles of the
+    finite resampled values (nan if none).
+
+    Strata (``n_units`` a tuple of sizes, e.g. malignant and benign images): each stratum is resampled within
+    itself and ``statistic`` gets one index array per stratum; all resamples of a stratum are drawn before the
+    next stratum's.
     """
-    if n_units < 1:
+    sizes = (int(n_units),) if np.ndim(n_units) == 0 else tuple(int(n) for n in n_units)
+    if min(sizes) < 1:
         raise MetricInputError("bootstrap needs at least one unit")
     if not 0 < level < 1:
         raise MetricInputError(f"confidence level must be in (0, 1), got {level}")
-    point = dict(statistic(np.arange(n_units)))
+    point = dict(statistic(*(np.arange(n) for n in sizes)))
     rng = np.random.default_rng(seed)
     draws = {k: np.full(resamples, np.nan) for k in point}
-    for r in range(resamples):
-        vals = statistic(rng.integers(0, n_units, n_units))
+    for r, idx in enumerate(_resamples(rng, sizes, resamples)):
+        vals = statistic(*idx)
         for k in point:
             draws[k][r] = vals.get(k, math.nan)
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out = {}
     for k, est in point.items():
         d = draws[k][np.isfinite(draws[k])]
-        lo, hi = (np.percentile(d, [lo_q, hi_q]) if len(d) else (math.nan, math.nan))
-        out[k] = Interval(float(est), float(lo), float(hi), resamples, int(len(d)))
+        lo, hi = percentile_interval(d, level)
+        out[k] = Interval(float(est), lo, hi, resamples, int(len(d)))
     return out
+
+
+def _resamples(rng: np.random.Generator, sizes: tuple[int, ...], resamples: int):
+    """Index arrays of each resample, one per stratum. One stratum is drawn resample by resample (the same
+    stream as one (resamples, n) draw, without holding it); several are drawn stratum by stratum."""
+    if len(sizes) == 1:
+        for _ in range(resamples):
+            yield (rng.integers(0, sizes[0], sizes[0]),)
+        return
+    blocks = [rng.integers(0, n, (resamples, n)) for n in sizes]
+    for r in range(resamples):
+        yield tuple(b[r] for b in blocks)
+
+
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The ``(1-level)/2`` and ``(1+level)/2`` percentiles of ``values`` (all finite); nan, nan when empty."""
+    if not len(values):
+        return math.nan, math.nan
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,11 +412,31 @@ def table1(scores: pd.DataFrame, generators: list[str], fixed_threshold: float, 
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (no continuity correction); (nan, nan) for n = 0.
+
+    Unlike a bootstrap, 13/13 gives [0.772, 1.000] rather than [1, 1]: the interval says how little 13 trials
+    can show.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: k={k} must lie in [0, n={n}]")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends (rounding would give 1 - 1e-16)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
+
+
 def wilson_flip_intervals(ci: dict, level: float) -> None:
     """Replace the bootstrap intervals of the flip rates by Wilson score intervals (in place): a bootstrap of
     13/13 flips gives [1, 1], as if 13 trials could prove a rate of 1; Wilson gives [0.77, 1]."""
-    from cfaudit.judges import wilson_interval
-
     for rate, count in (("flip_rate_b2m", "n_correct_benign_anchors"), ("flip_rate_m2b", "n_correct_malignant_anchors")):
         if rate in ci and count in ci:
             n = int(round(ci[count].estimate))
@@ -470,9 +517,14 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, window: int = 11
          k1: float = 0.01, k2: float = 0.03) -> float:
     """Mean SSIM (Wang et al. 2004) of two images (H, W) or (H, W, C) in the same range, channels averaged.
 
-    Gaussian window (``window`` taps, ``sigma``), statistics over the 'valid' region (no padding), the
-    sample covariance normalisation of the original paper. Windows larger than the image are shrunk.
+    Gaussian window (``window`` taps, ``sigma``, normalised to sum 1), statistics over the 'valid' region (no
+    padding). The local moments are Gaussian-weighted averages: variance ``w*(x^2) - (w*x)^2`` and covariance
+    ``w*(xy) - (w*x)(w*y)``, with no N/(N-1) sample-covariance factor (as in Wang et al.'s reference MATLAB
+    ``ssim_index.m``; scikit-image's ``use_sample_covariance=False``). Windows larger than the image are shrunk.
     """
+    # Hand-written instead of scikit-image's structural_similarity or torchmetrics' SSIM: neither package is a
+    # dependency of the pipeline or its cluster environment, and these few lines of SciPy filtering are cheaper to
+    # keep than a new pinned package.
     from scipy.ndimage import correlate1d
 
     a = np.asarray(a, dtype=np.float64)
@@ -511,7 +563,7 @@ def closeness(anchor: np.ndarray, cf: np.ndarray, tolerance: int = 8, ssim_windo
     c = np.asarray(cf)
     if a.shape != c.shape or a.ndim != 3:
         raise MetricInputError(f"anchor and counterfactual must be (H, W, 3) of one size; got {a.shape}, {c.shape}")
-    af, cf_ = a.astype(np.float64) / 255.0, c.astype(np.float64) / 255.0
+    af, cf_ = unit_float(a), unit_float(c)
     d = cf_ - af
     changed = np.abs(c.astype(np.int16) - a.astype(np.int16)).max(axis=-1) > tolerance
     return {"l1": float(np.abs(d).mean()), "l2": float(np.sqrt((d ** 2).mean())),

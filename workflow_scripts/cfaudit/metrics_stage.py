@@ -75,7 +75,7 @@ def make_table1(scores_path, anchors_path, spec_path, generators, bootstrap: dic
     table = M.table1(scores, list(generators), float(spec["threshold"]), bootstrap["resamples"], seed,
                      bootstrap["level"])
     if oracle_scores:
-        from cfaudit.judges_stage import oracle_table1_rows
+        from cfaudit.judges import oracle_table1_rows
 
         tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
         thr = {n: float(read_spec(p)["threshold"]) for n, p in (oracle_specs or {}).items()}

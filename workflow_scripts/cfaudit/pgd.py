@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfaudit.counterfactuals import INDEX_COLUMNS, image_path, index_rows, save_png
+from cfaudit.counterfactuals import INDEX_COLUMNS, fresh_image_dir, image_path, index_rows, read_anchor_pixels, save_png
 from cfaudit.files import write_csv
 
 GENERATOR = "pgd"
@@ -71,18 +71,12 @@ def masked_l2_pgd(clf, anchors: torch.Tensor, targets: torch.Tensor, masks: torc
 def run_pgd(*, classifier_spec, guided_index, pack, pack_index, out_index, out_dir, cfg: dict, device,
             batch_size: int = 32) -> pd.DataFrame:
     """Rule pgd_counterfactuals: one PGD counterfactual per guided counterfactual; PNGs + index."""
-    from pathlib import Path
-
     from cfaudit.classifiers import load_classifier
     from cfaudit.data.pack import float_to_uint8, uint8_to_float
-    from cfaudit.diffusion.sdedit import read_anchor_pixels
     from cfaudit.scoring import load_raw
 
     t_begin = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.png"):
-        stale.unlink()
+    out_dir = fresh_image_dir(out_dir)
     clf = load_classifier(classifier_spec, device)
     guided = pd.read_csv(guided_index)
     guided["anchor_id"] = guided["anchor_id"].astype(str)

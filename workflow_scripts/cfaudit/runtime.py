@@ -1,8 +1,10 @@
-"""Run-time plumbing shared by every entry script: logging into the rule's log, seeding, device choice."""
+"""Run-time plumbing shared by every entry script: logging into the rule's log, seeding (and sub-seeds), device
+choice."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -53,6 +55,17 @@ def seed_everything(seed: int) -> np.random.Generator:
     except ImportError:  # torch is a dependency; this only keeps data-only tools importable without it
         pass
     return np.random.default_rng(seed)
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit sub-seed named by ``parts`` (e.g. ``(seed, "epoch", 3)`` or ``(seed, anchor_id)``): the first
+    8 bytes (little-endian) of the sha256 of ``":".join(map(str, parts))``, halved to fit torch's manual_seed.
+
+    The package's one seed derivation: the value depends only on the names, never on the order or number of
+    other draws, so an anchor's noise does not change with its batch or shard and an epoch's order does not
+    change on resume."""
+    key = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
 
 class NoGPUError(RuntimeError):

@@ -9,12 +9,11 @@ configured score space), ``logit`` (raw positive-class logit), ``prob`` (softmax
 positive class), ``pred`` (score > threshold), ``classifier``, ``score_space``, ``preprocessing``.
 
 Images are decoded and resized in a thread pool (PIL releases the GIL), one batch ahead of the model.
-``python -m cfaudit.scoring --benchmark`` prints images/s at 299 including decode and resize.
+``python -m cfaudit.benchmark.scoring`` prints images/s at 299 including decode and resize.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +25,12 @@ import torch
 from PIL import Image
 
 from cfaudit.classifiers import AuditedClassifier
+from cfaudit.data.pack import uint8_to_float
+from cfaudit.names import ORIGINAL
+from cfaudit.precision import autocast, resolve_precision
 
 SCORE_COLUMNS = ["image_id", "generator", "target_label", "anchor_label", "path", "score", "logit", "prob", "pred",
                  "classifier", "score_space", "preprocessing"]
-ORIGINAL = "original"
 BACKENDS = ("pil", "torch")
 
 
@@ -127,7 +128,7 @@ def score_paths(clf: AuditedClassifier, paths: list, batch_size: int = 64, backe
     if backend not in BACKENDS:
         raise ValueError(f"resize backend {backend!r} is not one of {BACKENDS}")
     device = next(clf.parameters()).device
-    autocast = bf16 and device.type == "cuda"
+    _, amp = resolve_precision("auto" if bf16 else "fp32", device)  # bf16 on a GPU only
     out = np.zeros((len(paths), clf.num_classes), dtype=np.float32)
     if backend == "pil":
         def load(p):
@@ -141,10 +142,10 @@ def score_paths(clf: AuditedClassifier, paths: list, batch_size: int = 64, backe
             groups.setdefault(a.shape, []).append(i)
         for members in groups.values():
             x = torch.from_numpy(np.stack([arrays[i] for i in members])).to(device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            x = uint8_to_float(x)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with autocast(device, amp):
                 logits = clf.forward_cropped(x) if backend == "pil" else clf(x)
             out[[start + i for i in members]] = logits.float().cpu().numpy()
     return out
@@ -197,94 +198,3 @@ def run_scoring(spec, anchors, pack_index, split, cf_indexes: dict, out_scores, 
                      rule=rule, started=started,
                      extra={"n_rows": counts, "seconds": round(seconds, 2), "torch_device": str(device)})
     return df
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark: python -m cfaudit.scoring --benchmark
-# ----------------------------------------------------------------------------------------------------------
-def benchmark_paths(n: int, image_size: int, images_dir: str, tmp: str) -> list[str]:
-    """``n`` image paths for a throughput benchmark: real JPEG/PNG files from ``images_dir`` (cycled), else smooth
-    synthetic PNGs of ``image_size`` written to the folder ``tmp``."""
-    if images_dir:
-        files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if not files:
-            raise FileNotFoundError(f"no .jpg/.png images in {images_dir}")
-        return [str(files[i % len(files)]) for i in range(n)]
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
-    paths = []
-    for i in range(n):
-        c = rng.uniform(0, 255, 3)
-        img = np.clip(c[None, None] * (0.6 + 0.4 * np.sin(6 * xx + i)[..., None] * np.cos(5 * yy)[..., None])
-                      + rng.normal(0, 8, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
-        p = os.path.join(tmp, f"b{i:05d}.png")
-        Image.fromarray(img).save(p)
-        paths.append(p)
-    return paths
-
-
-def benchmark(n: int = 128, image_size: int = 256, arch: str = "deepderm", batch_size: int = 32, device: str = "cpu",
-              workers: int = 2, backend: str = "pil", images_dir: str = "", bf16: bool = False, repeats: int = 1) -> dict:
-    """Images/s of :func:`score_paths` (decode + resize + forward) with a randomly initialised classifier.
-
-    Uses real JPEG/PNG files from ``images_dir`` when given (cycled to ``n``), else writes ``n`` smooth
-    synthetic PNGs of ``image_size`` to a temporary folder. Weights do not change the speed.
-    """
-    import tempfile
-
-    from cfaudit.classifiers import AuditedClassifier, build_arch, build_deepderm, describe_preprocessing
-
-    if arch == "deepderm":
-        net, size, norm, ti = build_deepderm(), 299, "imagenet", True
-    else:
-        net, size, norm, ti = build_arch(arch, 2), image_size, "minus_one_one", False
-    spec = {"kind": "benchmark", "name": arch, "arch": arch, "input_size": size, "resize_size": size, "num_classes": 2,
-            "positive_index": 1, "score_space": "softmax", "threshold": 0.5, "normalization": norm, "transform_input": ti}
-    spec["preprocessing"] = describe_preprocessing(spec)
-    dev = torch.device(device)
-    clf = AuditedClassifier(net, spec).to(dev)
-    if dev.type == "cuda":
-        clf = clf.to(memory_format=torch.channels_last)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = benchmark_paths(n, image_size, images_dir, tmp)
-        score_paths(clf, paths[:batch_size], batch_size, backend, workers, bf16)  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        best, cpu = float("inf"), float("inf")
-        for _ in range(repeats):
-            t0, c0 = time.time(), time.process_time()
-            score_paths(clf, paths, batch_size, backend, workers, bf16)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.time() - t0)
-            cpu = min(cpu, time.process_time() - c0)
-    return {"arch": arch, "input_size": size, "n_images": n, "source_size": image_size if not images_dir else "files",
-            "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(), "workers": workers,
-            "backend": backend, "bf16": bf16 and dev.type == "cuda", "seconds": round(best, 3),
-            "images_per_s": round(n / best, 2), "cpu_seconds": round(cpu, 3),
-            "images_per_cpu_s": round(n / max(cpu, 1e-9), 2), "load_avg_1min": round(os.getloadavg()[0], 2)}
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Scoring benchmark: images/s incl. decode + resize to the classifier input.")
-    ap.add_argument("--benchmark", action="store_true", required=True)
-    ap.add_argument("--n", type=int, default=128, help="images to score")
-    ap.add_argument("--image-size", type=int, default=256, help="side of the synthetic source PNGs")
-    ap.add_argument("--images", default="", help="score real files from this folder instead (e.g. ../shared/data/isic2017_256/images)")
-    ap.add_argument("--arch", default="deepderm", help="deepderm (Inception-v3 at 299) or a torchvision name")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
-    ap.add_argument("--workers", type=int, default=2, help="decode threads")
-    ap.add_argument("--backend", choices=BACKENDS, default="pil")
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--repeats", type=int, default=1)
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    r = benchmark(a.n, a.image_size, a.arch, a.batch_size, a.device, a.workers, a.backend, a.images, a.bf16, a.repeats)
-    print(" ".join(f"{k}={v}" for k, v in r.items()))
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cfaudit.data.pack import PACK_INDEX_COLUMNS
+from cfaudit.data.pack import PACK_INDEX_COLUMNS, round_to_uint8
 from cfaudit.files import atomic_path, write_csv
 
 RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "box": Image.BOX}
@@ -31,13 +31,13 @@ def _to_8bit_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        arr = round_to_uint8(arr / top * 255.0)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(round_to_uint8(arr), "L").convert("RGB")  # already in [0, 255]
     if mode == "P":
         img = img.convert("RGBA")
         mode = "RGBA"

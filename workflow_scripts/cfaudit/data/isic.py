@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from cfaudit.files import sha256_file, write_csv
+from cfaudit.weights import RetriesExhausted, RetryPolicy, call_with_retries
 
 log = logging.getLogger("cfaudit.isic")
 
@@ -107,9 +108,9 @@ def download_isic(params: dict, download_dir: str | os.PathLike, manifest_path: 
     return result
 
 
-def backoff(params: dict, attempt: int) -> float:
-    """Exponential back-off before retry number ``attempt + 1``: backoff_s * 2**attempt, capped."""
-    return min(float(params.get("backoff_s", 5.0)) * 2 ** attempt, 600.0)
+def retry_policy(params: dict) -> RetryPolicy:
+    """``dataset.isic.retries`` repeats, waiting backoff_s * 2**attempt (capped at 600 s) between them."""
+    return RetryPolicy(int(params.get("retries", 5)), float(params.get("backoff_s", 5.0)), 600.0)
 
 
 # --------------------------------------------------------------------------------------- isic-cli path
@@ -256,48 +257,54 @@ def verify_cli_download(cache: Path) -> dict[str, Path]:
     return files
 
 
+def _cli_attempt(cmd: list[str], cache: Path, timeout: float, state: dict) -> dict[str, Path]:
+    """One run of isic-cli and the check of its result; raises _Retryable with the problem (kept in ``state``
+    with the run's output) when a repeat may help, IsicDownloadError when it cannot."""
+    state["attempts"] += 1
+    _clear_cli_outputs(cache)
+    log.info("attempt %d/%d: %s", state["attempts"], state["retries"] + 1, " ".join(cmd))
+    rc, output = _run_once(cmd, timeout, cache / "isic-cli.log")
+    state["output"] = output
+    for line in output.splitlines():
+        if line.strip():
+            log.info("isic-cli: %s", line.rstrip())
+    for p in cache.glob(".isic-partial.*"):  # left by a killed run
+        p.unlink(missing_ok=True)
+    if rc == 2:  # click usage error (bad query, unknown collection): repeating cannot help
+        raise IsicDownloadError(
+            f"isic-cli rejected the request (exit status 2). Check dataset.isic.collections / search. "
+            f"Its output:\n{_tail(output)}"
+        )
+    if rc is None:
+        raise _Retryable(f"isic-cli did not finish within dataset.isic.command_timeout_s = {timeout:g} s")
+    if rc != 0:
+        raise _Retryable(f"isic-cli exited with status {rc}")
+    if CRASH_MARKER in output:
+        raise _Retryable("isic-cli reported an unexpected error")
+    return verify_cli_download(cache)
+
+
 def run_cli_download(params: dict, cache: Path, sleep=time.sleep) -> tuple[DownloadResult, dict[str, Path]]:
-    """Run isic-cli (retrying the whole command with back-off) until the download is complete."""
+    """Run isic-cli (retrying the whole command with back-off, :func:`retry_policy`) until the download is complete."""
     cmd = cli_command(params, cache)
-    retries = int(params.get("retries", 5))
+    policy = retry_policy(params)
     timeout = float(params.get("command_timeout_s", 86400))
-    problem = ""
-    for attempt in range(retries + 1):
-        _clear_cli_outputs(cache)
-        log.info("attempt %d/%d: %s", attempt + 1, retries + 1, " ".join(cmd))
-        rc, output = _run_once(cmd, timeout, cache / "isic-cli.log")
-        for line in output.splitlines():
-            if line.strip():
-                log.info("isic-cli: %s", line.rstrip())
-        for p in cache.glob(".isic-partial.*"):  # left by a killed run
-            p.unlink(missing_ok=True)
-        if rc == 2:  # click usage error (bad query, unknown collection): repeating cannot help
-            raise IsicDownloadError(
-                f"isic-cli rejected the request (exit status 2). Check dataset.isic.collections / search. "
-                f"Its output:\n{_tail(output)}"
-            )
-        if rc is None:
-            problem = f"isic-cli did not finish within dataset.isic.command_timeout_s = {timeout:g} s"
-        elif rc != 0:
-            problem = f"isic-cli exited with status {rc}"
-        elif CRASH_MARKER in output:
-            problem = "isic-cli reported an unexpected error"
-        else:
-            try:
-                files = verify_cli_download(cache)
-            except _Retryable as err:
-                problem = str(err)
-            else:
-                return DownloadResult("isic-cli", len(files), attempt + 1, cmd), files
-        if attempt < retries:
-            wait = backoff(params, attempt)
-            log.warning("%s; retrying in %.1f s (isic-cli skips the files it already has)", problem, wait)
-            sleep(wait)
-    raise IsicDownloadError(
-        f"ISIC download failed after {retries + 1} attempts: {problem}. Output of the last attempt:\n"
-        f"{_tail(output)}\nRerun to resume (files already in {cache} are kept), raise dataset.isic.retries, "
-        "or check the network / the ISIC Archive status."
-    )
+    state = {"attempts": 0, "retries": policy.retries, "output": ""}
+
+    def retrying(_attempt, problem, wait):
+        log.warning("%s; retrying in %.1f s (isic-cli skips the files it already has)", problem, wait)
+
+    try:
+        files = call_with_retries(lambda: _cli_attempt(cmd, cache, timeout, state), policy,
+                                  lambda err: (str(err), None) if isinstance(err, _Retryable) else None,
+                                  sleep=sleep, on_retry=retrying)
+    except RetriesExhausted as err:
+        raise IsicDownloadError(
+            f"ISIC download failed after {err.attempts} attempts: {err.last}. Output of the last attempt:\n"
+            f"{_tail(state['output'])}\nRerun to resume (files already in {cache} are kept), raise dataset.isic.retries, "
+            "or check the network / the ISIC Archive status."
+        ) from None
+    return DownloadResult("isic-cli", len(files), state["attempts"], cmd), files
 
 
 def _tail(text: str, n: int = 30) -> str:
@@ -349,27 +356,30 @@ class ApiClient:
         self.user_agent = f"cfaudit/{__version__} (ISIC id list)"
 
     def _with_retries(self, what: str, fn):
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except urllib.error.HTTPError as err:
+        """``fn()`` under the download's :func:`retry_policy`; a ``Retry-After`` header sets the wait."""
+        def transient(err):
+            if isinstance(err, urllib.error.HTTPError):
                 if err.code not in RETRY_STATUS:
                     hint = " (not public or not in the Archive? check the id list)" if err.code in (401, 403, 404) else ""
                     raise IsicDownloadError(f"{what}: HTTP {err.code} {err.reason}{hint}") from None
-                problem, wait = f"HTTP {err.code}", retry_after(err.headers.get("Retry-After"))
-            except _Retryable as err:
-                problem, wait = str(err), err.wait
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
-                    ssl.SSLError) as err:
-                problem, wait = f"{type(err).__name__}: {err}", None
-            if attempt == self.retries:
-                raise IsicDownloadError(
-                    f"{what}: gave up after {self.retries + 1} attempts (last: {problem}); rerun to resume, "
-                    "or raise dataset.isic.retries"
-                )
-            wait = backoff(self.params, attempt) if wait is None else wait
+                return f"HTTP {err.code}", retry_after(err.headers.get("Retry-After"))
+            if isinstance(err, _Retryable):
+                return str(err), err.wait
+            if isinstance(err, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+                                ssl.SSLError)):
+                return f"{type(err).__name__}: {err}", None
+            return None
+
+        def retrying(attempt, problem, wait):
             log.warning("%s: %s; retry %d/%d in %.1f s", what, problem, attempt + 1, self.retries, wait)
-            self.sleep(wait)
+
+        try:
+            return call_with_retries(fn, retry_policy(self.params), transient, sleep=self.sleep, on_retry=retrying)
+        except RetriesExhausted as err:
+            raise IsicDownloadError(
+                f"{what}: gave up after {err.attempts} attempts (last: {err.last}); rerun to resume, "
+                "or raise dataset.isic.retries"
+            ) from None
 
     def _open(self, url: str, accept: str):
         req = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": self.user_agent})

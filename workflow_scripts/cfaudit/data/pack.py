@@ -1,4 +1,4 @@
-"""The packed dataset: one uint8 array (N, H, W, 3) plus an index table, and pixel-range conversions.
+"""The packed dataset: one uint8 array (N, H, W, 3) plus an index table, and the pixel-range conversions.
 
 Training and generation read the pack (one file, memory-mappable, cheap to put on the GPU whole);
 scoring reads the saved PNGs, the pixels a reader sees.
@@ -33,14 +33,40 @@ def load_pack(pack_path: str | os.PathLike, index_path: str | os.PathLike, split
     return np.ascontiguousarray(images[index["row"].to_numpy()]), index
 
 
-def uint8_to_float(images):
-    """uint8 (N,H,W,3) array or tensor -> float32 torch tensor (N,3,H,W) in [-1, 1]."""
+# ----------------------------------------------------------------------------------------------------------
+# Pixel ranges: the package's only uint8 <-> float conversions (generators, classifiers, FID, judges, metrics)
+# ----------------------------------------------------------------------------------------------------------
+def uint8_to_float(images, scale: float = 127.5, offset: float = 1.0):
+    """uint8 (N,H,W,3) array or tensor -> float32 torch tensor (N,3,H,W) = pixels / scale - offset, on the tensor's
+    device: [-1, 1] by default (generators and classifiers), [0, 1] with ``uint8_to_unit`` (Inception)."""
     import torch
 
     t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return t.permute(0, 3, 1, 2).float().div(scale).sub(offset)
+
+
+def uint8_to_unit(images):
+    """uint8 (N,H,W,3) array or tensor -> float32 torch tensor (N,3,H,W) in [0, 1]."""
+    return uint8_to_float(images, 255.0, 0.0)
+
+
+def float_to_uint8_tensor(x):
+    """float tensor (N,3,H,W) in [-1, 1] -> uint8 tensor (N,3,H,W) on the same device, rounded and clipped."""
+    import torch
+
+    return x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(dtype=torch.uint8)
 
 
 def float_to_uint8(x) -> np.ndarray:
-    """float tensor (N,3,H,W) in [-1, 1] -> uint8 numpy (N,H,W,3), rounded and clipped."""
-    return x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """float tensor (N,3,H,W) in [-1, 1] -> uint8 numpy (N,H,W,3), rounded and clipped (what a PNG stores)."""
+    return float_to_uint8_tensor(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def unit_float(images) -> np.ndarray:
+    """uint8 array -> float64 array in [0, 1] (same shape): the intensities of the closeness and budget metrics."""
+    return np.asarray(images).astype(np.float64) / 255.0
+
+
+def round_to_uint8(values) -> np.ndarray:
+    """float array in 8-bit units -> uint8 array: rounded half to even, clipped to [0, 255]."""
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)

@@ -1,4 +1,5 @@
-"""Checkpoints of the diffusion model: atomic saves, loading for resume and for generation, precision choice.
+"""Checkpoints of the diffusion model: atomic saves, loading for resume and for generation, GPU backend tuning
+(the precision choice is cfaudit.precision).
 
 A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``):
 ``format, spec, schedule, model, ema, ema_updates, optimizer, step, total_steps, rng, epoch_loss, history,
@@ -18,16 +19,6 @@ from cfaudit.files import save_torch, sha256_file
 from cfaudit.models import model_from_spec
 
 FORMAT = "cfaudit-diffusion-v1"
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """("bf16", torch.bfloat16) for autocast, or ("fp32", None). auto = bf16 on a GPU, fp32 on the CPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"config key 'diffusion.precision': {precision!r} is not one of {PRECISIONS}")
-    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
-        return "bf16", torch.bfloat16
-    return "fp32", None
 
 
 def tune_backend(device) -> None:

@@ -1,6 +1,7 @@
 """Reverse-process samplers as small objects, plus classifier-free guidance.
 
-* ``AncestralDDPM``: the seed's sampler with the correct posterior (facts §3): every step t = t_start..1,
+* ``AncestralDDPM``: the seed's sampler with the correct posterior (Ho et al. 2020, arXiv:2006.11239,
+  Algorithm 2; the seed report's Eq. 3 writes alpha_bar_t where alpha_t belongs): every step t = t_start..1,
   ``x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sqrt(beta_t) z`` ("fixed_large"
   variance), no noise on the last step. Equal to diffusers' DDPMScheduler(variance_type="fixed_large",
   clip_sample=False) with this schedule's betas (tests/test_diffusion.py checks one step to 1e-5).
@@ -14,7 +15,6 @@ Guidance: ``eps = (1 + w) eps(x, t, y) - w eps(x, t, null)``; w = 0 skips the un
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Callable
@@ -24,12 +24,17 @@ import torch
 
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.models import NULL_LABEL
+from cfaudit.precision import autocast
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
 
 def ancestral_step(schedule: LinearSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, noise: torch.Tensor | None):
     """One ancestral DDPM step t -> t-1 (posterior mean + sqrt(beta_t) z; no noise when t == 1)."""
+    # Hand-written although diffusers' DDPMScheduler(variance_type="fixed_large", clip_sample=False) gives the same
+    # step for t >= 2 (tests/test_diffusion.py): at t = 1, the seed's last step, diffusers would still add
+    # sqrt(beta_1) z (its noise-free step is t = 0, which the seed never takes), and it rebuilds beta_t as
+    # 1 - alpha_bar_t / alpha_bar_{t-1} in float32, which cancels badly at small t.
     b, a, ab = float(schedule.betas[t]), float(schedule.alphas[t]), float(schedule.alpha_bar[t])
     mean = (x_t - (b / math.sqrt(1.0 - ab)) * eps) / math.sqrt(a)
     if t > 1 and noise is not None:
@@ -47,6 +52,10 @@ def ddim_step(schedule: LinearSchedule, x_t: torch.Tensor, eps: torch.Tensor, t:
 
 def spaced_timesteps(t_start: int, steps: int) -> list[int]:
     """``steps`` timesteps evenly spaced from t_start down towards 0 (exclusive), unique, descending."""
+    # Not a diffusers scheduler's set_timesteps(num_inference_steps): that spaces the steps over the whole schedule
+    # (T down to 0) and SDEdit pipelines then drop the first (1 - strength) share, so their first step is not the
+    # step the anchor was noised to and fewer than `steps` run. Here all `steps` start exactly at t_start (DDIM
+    # and, through set_timesteps(timesteps=...), DPM-Solver use this list).
     steps = max(1, min(int(steps), t_start))
     ts = np.linspace(t_start, 0, steps + 1).round().astype(int)[:-1]
     return [int(t) for t in dict.fromkeys(ts.tolist()) if t >= 1]
@@ -125,12 +134,6 @@ def make_sampler(name: str, schedule: LinearSchedule, steps: int):
     if name == "dpmsolver":
         return DPMSolver(schedule, steps)
     raise ValueError(f"config key 'diffusion.counterfactual.sampler': unknown sampler {name!r}; choose one of {SAMPLERS}")
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def guided_eps(model, x: torch.Tensor, t: int, labels: torch.Tensor, guidance: float,

@@ -1,4 +1,5 @@
-"""The linear beta schedule in the seed's indexing (facts §3).
+"""The linear beta schedule in the seed's indexing (github.com/howellx/derm_audit, after
+TeaPearce/Conditional_Diffusion_MNIST script.py's ``ddpm_schedules``).
 
 The seed (after TeaPearce's conditional-MNIST code) keeps T + 1 entries ``beta_t = b1 + (b2 - b1) t / T`` for
 t = 0..T, ``alpha_bar_t = prod_{s<=t} (1 - beta_s)`` (so alpha_bar_0 = 1 - b1, not 1), trains on t drawn from

@@ -8,6 +8,10 @@ state, the step, the epoch's partial loss and the loss history) is written atomi
 not delete it when a killed job is rerun. A rerun with the same training inputs (config fingerprint + data
 checksums) continues from that step; on the CPU it reaches exactly the weights of an uninterrupted run (on a
 GPU, up to cuDNN's non-deterministic kernels).
+
+:func:`train_diffusion` is :func:`plan_training` (settings and data checked, fingerprinted) and the named steps
+of :class:`DiffusionTrainer`. The rule's entry point, which may hand the run to torchrun instead
+(cfaudit.diffusion.distributed), is cfaudit.diffusion.stage.
 """
 
 from __future__ import annotations
@@ -17,21 +21,23 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 
 from cfaudit.data.pack import load_pack, uint8_to_float
-from cfaudit.diffusion.checkpoint import FORMAT, load_checkpoint, resolve_precision, save_checkpoint, tune_backend
-from cfaudit.diffusion.samplers import autocast
+from cfaudit.diffusion.checkpoint import FORMAT, load_checkpoint, save_checkpoint, tune_backend
 from cfaudit.diffusion.schedule import LinearSchedule
-from cfaudit.files import sha256_file, write_csv
+from cfaudit.files import sha256_file
 from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
+from cfaudit.precision import autocast, resolve_precision
 from cfaudit.provenance import without_timings
+from cfaudit.runtime import derive_seed
 
 log = logging.getLogger("cfaudit.diffusion")
 
@@ -52,10 +58,6 @@ def train_config(cfg: dict) -> dict:
     if missing:
         raise KeyError(f"config section 'diffusion' lacks {missing}; validate the config (cfaudit.config.validate_config)")
     return {k: copy.deepcopy(cfg[k]) for k in TRAIN_KEYS}
-
-
-def derive_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()[:8], "little") >> 1
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -152,6 +154,265 @@ def fingerprint(tcfg: dict, spec: dict, seed: int, data_sha: dict, device: torch
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _training_images(pack, pack_index, split, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train split's uint8 images (N, H, W, 3) and 0/1 labels, checked against the configured image size."""
+    images, index = load_pack(pack, pack_index, split, "train")
+    if len(index) == 0:
+        raise ValueError(f"no training images in {split}; check split.eval_fraction and the data stage")
+    if images.shape[1] != image_size or images.shape[2] != image_size:
+        raise ValueError(f"{pack} holds {images.shape[1]}x{images.shape[2]} images but image_size is {image_size}; rerun rule resize")
+    labels = index["label"].astype(int).to_numpy()
+    if set(labels) - {0, 1}:
+        raise ValueError(f"labels in {pack_index} must be 0/1; found {sorted(set(labels))}")
+    return images, labels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run trains and on what: the settings, the training images, the sizes and the resume fingerprint."""
+
+    tcfg: dict
+    spec: dict
+    schedule: LinearSchedule
+    precision: str
+    amp_dtype: torch.dtype | None
+    seed: int
+    image_size: int
+    images: np.ndarray
+    labels: np.ndarray
+    batch: int
+    data_sha: dict
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.tcfg["epochs"])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch)
+
+    @property
+    def total(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.tcfg["channels_last"])
+
+
+def plan_training(pack, pack_index, split, cfg: dict, image_size: int, seed: int, device: torch.device) -> Plan:
+    """Set-up: validate the settings and the data, and fingerprint them (a resume needs the same fingerprint)."""
+    tcfg = train_config(cfg)
+    precision, amp_dtype = resolve_precision(tcfg["precision"], device)
+    schedule = LinearSchedule.from_config(tcfg)
+    spec = model_spec(tcfg, image_size)
+    images, labels = _training_images(pack, pack_index, split, image_size)
+    data_sha = {"pack": sha256_file(pack), "split": sha256_file(split)}
+    return Plan(tcfg, spec, schedule, precision, amp_dtype, seed, image_size, images, labels,
+                min(int(tcfg["batch_size"]), len(labels)), data_sha, fingerprint(tcfg, spec, seed, data_sha, device),
+                device)
+
+
+def _distributed(model: torch.nn.Module, device: torch.device, world: int, main_rank: bool, arch: str):
+    """(model, the DistributedDataParallel wrapper that trains it); BatchNorm synchronised over the ranks on GPUs."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and device.type == "cuda":  # batch statistics over the global batch, as on one GPU
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif has_bn and main_rank:
+        log.warning("%s has BatchNorm layers and SyncBatchNorm needs GPUs: on %d CPU processes each normalises "
+                    "over its own part of the batch, so the weights differ from a one-process run", arch, world)
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class DiffusionTrainer:
+    """One run in named steps: set-up (the constructor: seeded weights, optimiser, EMA, the step generator),
+    :meth:`resume`, :meth:`place` (data on the device, DDP), :meth:`run` (epochs of :meth:`train_step`, a
+    :meth:`save_state` every ``checkpoint_every`` steps) and :meth:`finish`. The attributes that change (weights,
+    optimiser, EMA, generator, step, the epoch's partial loss, the history) are exactly what the resume file holds.
+    """
+
+    def __init__(self, plan: Plan, state_path, *, checkpoint_every: int, log_every: int, rank: int = 0, world: int = 1):
+        self.plan, self.device, self.state_path = plan, plan.device, Path(state_path)
+        self.checkpoint_every, self.log_every, self.rank, self.world = checkpoint_every, log_every, rank, world
+        torch.manual_seed(plan.seed)
+        self.model = model_from_spec(plan.spec).to(self.device)
+        if plan.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.net = self.model
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(plan.tcfg["lr"]))
+        self.ema = EMA(self.model, plan.tcfg["ema_decay"]) if float(plan.tcfg["ema_decay"]) > 0 else None
+        self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(plan.seed, "train"))
+        self.step, self.epoch_sum, self.epoch_n, self.history = 0, 0.0, 0, []
+        self.resumed_from, self.images_seen = 0, 0
+
+    def resume(self) -> None:
+        """Continue from the resume file when it was written for this fingerprint (every rank reads the same)."""
+        if not self.state_path.exists():
+            return
+        state = load_checkpoint(self.state_path, map_location=self.device)
+        if state.get("fingerprint") != self.plan.fingerprint:
+            log.warning("ignoring %s: it was written for other training settings or data (fingerprint differs); "
+                        "starting from step 0", self.state_path)
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"])
+            self.ema.updates = int(state["ema_updates"])
+        self.gen.set_state(state["rng"]["train"].cpu())
+        torch.set_rng_state(state["rng"]["torch_cpu"].cpu())
+        if self.device.type == "cuda" and state["rng"].get("torch_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["torch_cuda"].cpu(), self.device)
+        self.step, self.epoch_sum, self.epoch_n = int(state["step"]), float(state["epoch_loss"][0]), int(state["epoch_loss"][1])
+        self.history = list(state["history"])
+        self.resumed_from = self.step
+        log.info("resuming from %s at step %d/%d", self.state_path, self.step, self.plan.total)
+
+    def place(self) -> None:
+        """The training pack and labels on the device, the model wrapped for DDP when world > 1."""
+        p = self.plan
+        self.data, self.on_device = _place_data(p.images, self.device)
+        self.ylab = torch.tensor(p.labels.tolist(), dtype=torch.long, device=self.device)
+        if self.world > 1:
+            self.model, self.net = _distributed(self.model, self.device, self.world, self.rank == 0, p.spec["arch"])
+        log.info("diffusion training: %s, %.2f M parameters, %d px, %d train images (%d malignant), batch %d, %d epochs = "
+                 "%d steps, T=%d, %s%s, data on %s, device %s", p.spec["arch"], n_parameters(self.model) / 1e6,
+                 p.image_size, p.n, int(p.labels.sum()), p.batch, p.epochs, p.total, p.schedule.T, p.precision,
+                 ", channels_last" if p.channels_last else "", self.device if self.on_device else "host (pinned)",
+                 self.device if self.world == 1 else f"{self.world} x {self.device.type} (DDP)")
+
+    def state_dict(self) -> dict:
+        """The checkpoint / resume file (layout: cfaudit.diffusion.checkpoint)."""
+        p, ema = self.plan, self.ema
+        return {
+            "format": FORMAT, "spec": p.spec, "schedule": p.schedule.as_dict(), "model": self.model.state_dict(),
+            "ema": ema.model.state_dict() if ema is not None else None, "ema_updates": ema.updates if ema is not None else 0,
+            "optimizer": self.opt.state_dict(), "step": self.step, "total_steps": p.total,
+            "rng": {"train": self.gen.get_state(), "torch_cpu": torch.get_rng_state(),
+                    "torch_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "epoch_loss": [self.epoch_sum, self.epoch_n], "history": self.history, "fingerprint": p.fingerprint,
+            "train_config": p.tcfg, "seed": p.seed, "precision": p.precision, "device": self.device.type,
+            "data_sha256": p.data_sha,
+        }
+
+    def _reset_meter(self) -> None:
+        self.run_sum = torch.zeros((), device=self.device)
+        self.run_n, self.last_logged, self.t_log = 0, self.step, time.perf_counter()
+
+    def flush(self) -> None:
+        """Sync the running loss (one device sync), check it is finite, add it to the epoch's, log a progress line."""
+        if self.run_n == 0:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.run_sum)
+        s, lr = float(self.run_sum), self.opt.param_groups[0]["lr"]
+        if not math.isfinite(s):
+            raise NonFiniteLossError(
+                f"diffusion training loss is {s} between steps {self.last_logged + 1} and {self.step} (lr {lr:.3g}, "
+                f"precision {self.plan.precision}). The last good state is "
+                f"{self.state_path if self.state_path.exists() else 'not saved yet'}. "
+                "Lower diffusion.lr, or set diffusion.precision: fp32, and rerun (a changed setting starts a fresh run)."
+            )
+        self.epoch_sum += s
+        self.epoch_n += self.run_n
+        p, dt = self.plan, time.perf_counter() - self.t_log
+        epoch = min((max(self.step, 1) - 1) // p.steps_per_epoch, p.epochs - 1)
+        log.info("step %d/%d epoch %d/%d loss %.5f lr %.3g %.1f images/s", self.step, p.total, epoch + 1, p.epochs,
+                 s / self.run_n, lr, self.run_n / max(dt, 1e-9))
+        self._reset_meter()
+
+    def train_step(self, idx_all: torch.Tensor) -> None:
+        """One optimizer step on the global batch ``idx_all`` (this rank trains on its slice of it)."""
+        p, world, n_b = self.plan, self.world, idx_all.shape[0]
+        draws = draw_step(self.gen, n_b, (3, p.image_size, p.image_size), p.tcfg, p.schedule, self.device)
+        sl, weight = rank_slice(n_b, self.rank, world)
+        idx, draws = idx_all[sl], draws.part(sl)
+        batch = self.data[idx]
+        if not self.on_device:
+            batch = batch.to(self.device, non_blocking=True)
+        x0 = uint8_to_float(batch)
+        x0 = x0.contiguous(memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
+        x0 = apply_flips(x0, draws)
+        y = self.ylab[idx.to(self.ylab.device)]
+        y = torch.where(draws.drop, torch.full_like(y, NULL_LABEL), y)
+        x_t = p.schedule.q_sample(x0, draws.t, draws.noise)
+        with autocast(self.device, p.amp_dtype):
+            pred = self.net(x_t, draws.t, y)
+        # sum of per-image MSEs over this rank's images / global batch: DDP's mean over ranks of world x this
+        # is the gradient of the global batch's mean loss (== F.mse_loss on one process)
+        per_image = (pred.float() - draws.noise).pow(2).flatten(1).mean(1)
+        local_sum = per_image.sum() * weight
+        self.opt.zero_grad(set_to_none=True)
+        (local_sum * (world / n_b)).backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.images_seen += n_b
+        self.run_sum += local_sum.detach()
+        self.run_n += n_b
+
+    def save_state(self) -> None:
+        """Flush the running loss (a non-finite one stops before any save), then rank 0 writes the resume file."""
+        self.flush()
+        if self.rank == 0:
+            save_checkpoint(self.state_dict(), self.state_path)
+            log.info("checkpoint at step %d -> %s", self.step, self.state_path)
+
+    def run_epoch(self, epoch: int, on_step: Callable[[int], None] | None) -> None:
+        """The epoch's remaining steps (all of them unless resumed mid-epoch); its row joins the history."""
+        p = self.plan
+        lr = _lr_at(p.tcfg, epoch)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        perm = epoch_permutation(p.seed, epoch, p.n).to(self.device if self.on_device else "cpu")
+        last = p.steps_per_epoch - 1
+        for b in range(self.step - epoch * p.steps_per_epoch, p.steps_per_epoch):
+            self.train_step(perm[b * p.batch:(b + 1) * p.batch])
+            if (self.log_every and self.step % self.log_every == 0) or b == last:
+                self.flush()
+            if b == last:  # epoch done: its row joins the history before any checkpoint of this step
+                self.history.append({"epoch": epoch + 1, "step": self.step, "loss": self.epoch_sum / max(self.epoch_n, 1),
+                                     "lr": lr, "images": self.epoch_n, "seconds": round(time.perf_counter() - self.t_epoch, 3)})
+                log.info("epoch %d/%d mean loss %.5f", epoch + 1, p.epochs, self.history[-1]["loss"])
+                self.epoch_sum, self.epoch_n, self.t_epoch = 0.0, 0, time.perf_counter()
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < p.total:
+                self.save_state()
+            if on_step is not None:
+                on_step(self.step)
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> float:
+        """Train the remaining epochs; returns the seconds it took."""
+        self._reset_meter()
+        self.t_epoch = t_train = time.perf_counter()
+        self.model.train()
+        for epoch in range(self.step // self.plan.steps_per_epoch, self.plan.epochs):
+            self.run_epoch(epoch, on_step)
+        return time.perf_counter() - t_train
+
+    def finish(self, checkpoint_out, elapsed: float) -> dict:
+        """Rank 0 writes the final checkpoint (history without timings) and drops the resume file; the summary."""
+        if self.rank == 0:
+            final = self.state_dict()
+            final["history"] = without_timings(final["history"])
+            save_checkpoint(final, checkpoint_out)
+            if self.state_path.exists():
+                self.state_path.unlink()
+        ips = self.images_seen / elapsed if self.images_seen else float("nan")
+        log.info("trained %d steps (%d this run, %.1f images/s) -> %s", self.step, self.step - self.resumed_from, ips,
+                 checkpoint_out)
+        return {"history": pd.DataFrame(self.history, columns=LOSS_COLUMNS), "steps": self.step,
+                "resumed_from": self.resumed_from, "images_per_s": ips, "precision": self.plan.precision,
+                "parameters": n_parameters(self.model), "spec": self.plan.spec, "fingerprint": self.plan.fingerprint,
+                "on_device": self.on_device, "world_size": self.world}
+
+
 def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg: dict, image_size: int, seed: int,
                     device, checkpoint_every: int | None = None, log_every: int | None = None,
                     on_step: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> dict:
@@ -165,235 +426,13 @@ def train_diffusion(*, pack, pack_index, split, checkpoint_out, state_path, cfg:
     ``batch_size`` images, and only rank 0 writes files.
     """
     device = torch.device(device)
-    main_rank = rank == 0
     tune_backend(device)
-    tcfg = train_config(cfg)
     checkpoint_every = int(cfg.get("checkpoint_every", 0) if checkpoint_every is None else checkpoint_every)
     log_every = int(cfg.get("log_every", 50) if log_every is None else log_every)
-    precision, amp_dtype = resolve_precision(tcfg["precision"], device)
-    channels_last = bool(tcfg["channels_last"])
-    schedule = LinearSchedule.from_config(tcfg)
-    spec = model_spec(tcfg, image_size)
-
-    images, index = load_pack(pack, pack_index, split, "train")
-    if len(index) == 0:
-        raise ValueError(f"no training images in {split}; check split.eval_fraction and the data stage")
-    if images.shape[1] != image_size or images.shape[2] != image_size:
-        raise ValueError(f"{pack} holds {images.shape[1]}x{images.shape[2]} images but image_size is {image_size}; rerun rule resize")
-    labels = index["label"].astype(int).to_numpy()
-    if set(labels) - {0, 1}:
-        raise ValueError(f"labels in {pack_index} must be 0/1; found {sorted(set(labels))}")
-    n = len(labels)
-    bs = min(int(tcfg["batch_size"]), n)
-    steps_per_epoch = math.ceil(n / bs)
-    epochs = int(tcfg["epochs"])
-    total = epochs * steps_per_epoch
-    data_sha = {"pack": sha256_file(pack), "split": sha256_file(split)}
-    fp = fingerprint(tcfg, spec, seed, data_sha, device)
-
-    torch.manual_seed(seed)
-    model = model_from_spec(spec).to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
-    ema = EMA(model, tcfg["ema_decay"]) if float(tcfg["ema_decay"]) > 0 else None
-    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "train"))
-    step, epoch_sum, epoch_n, history = 0, 0.0, 0, []
-
-    state_path = Path(state_path)
-    if state_path.exists():  # every rank resumes from the same state
-        state = load_checkpoint(state_path, map_location=device)
-        if state.get("fingerprint") == fp:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.model.load_state_dict(state["ema"])
-                ema.updates = int(state["ema_updates"])
-            gen.set_state(state["rng"]["train"].cpu())
-            torch.set_rng_state(state["rng"]["torch_cpu"].cpu())
-            if device.type == "cuda" and state["rng"].get("torch_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["torch_cuda"].cpu(), device)
-            step, epoch_sum, epoch_n = int(state["step"]), float(state["epoch_loss"][0]), int(state["epoch_loss"][1])
-            history = list(state["history"])
-            log.info("resuming from %s at step %d/%d", state_path, step, total)
-        else:
-            log.warning("ignoring %s: it was written for other training settings or data (fingerprint differs); "
-                        "starting from step 0", state_path)
-    resumed_from = step
-
-    data, on_device = _place_data(images, device)
-    ylab = torch.tensor(labels.tolist(), dtype=torch.long, device=device)
-    net = model
-    if world > 1:
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if has_bn and device.type == "cuda":  # batch statistics over the global batch, as on one GPU
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif has_bn and main_rank:
-            log.warning("%s has BatchNorm layers and SyncBatchNorm needs GPUs: on %d CPU processes each normalises "
-                        "over its own part of the batch, so the weights differ from a one-process run", spec["arch"], world)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log.info("diffusion training: %s, %.2f M parameters, %d px, %d train images (%d malignant), batch %d, %d epochs = %d "
-             "steps, T=%d, %s%s, data on %s, device %s", spec["arch"], n_parameters(model) / 1e6, image_size, n,
-             int(labels.sum()), bs, epochs, total, schedule.T, precision, ", channels_last" if channels_last else "",
-             device if on_device else "host (pinned)", device if world == 1 else f"{world} x {device.type} (DDP)")
-
-    def state_dict() -> dict:
-        return {
-            "format": FORMAT, "spec": spec, "schedule": schedule.as_dict(), "model": model.state_dict(),
-            "ema": ema.model.state_dict() if ema is not None else None, "ema_updates": ema.updates if ema is not None else 0,
-            "optimizer": opt.state_dict(), "step": step, "total_steps": total,
-            "rng": {"train": gen.get_state(), "torch_cpu": torch.get_rng_state(),
-                    "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "epoch_loss": [epoch_sum, epoch_n], "history": history, "fingerprint": fp, "train_config": tcfg,
-            "seed": seed, "precision": precision, "device": device.type, "data_sha256": data_sha,
-        }
-
-    run_sum = torch.zeros((), device=device)
-    run_n, last_logged, t_log = 0, step, time.perf_counter()
-    t_epoch = time.perf_counter()
-
-    def step_epoch(s: int) -> int:
-        return min((max(s, 1) - 1) // steps_per_epoch, epochs - 1)
-
-    def flush():
-        """Sync the running loss (one device sync), check it is finite, log a progress line."""
-        nonlocal run_sum, run_n, epoch_sum, epoch_n, last_logged, t_log
-        if run_n == 0:
-            return
-        if world > 1:
-            torch.distributed.all_reduce(run_sum)
-        s = float(run_sum)
-        if not math.isfinite(s):
-            raise NonFiniteLossError(
-                f"diffusion training loss is {s} between steps {last_logged + 1} and {step} (lr {opt.param_groups[0]['lr']:.3g}, "
-                f"precision {precision}). The last good state is {state_path if state_path.exists() else 'not saved yet'}. "
-                "Lower diffusion.lr, or set diffusion.precision: fp32, and rerun (a changed setting starts a fresh run)."
-            )
-        epoch_sum += s
-        epoch_n += run_n
-        dt = time.perf_counter() - t_log
-        log.info("step %d/%d epoch %d/%d loss %.5f lr %.3g %.1f images/s", step, total, step_epoch(step) + 1, epochs,
-                 s / run_n, opt.param_groups[0]["lr"], run_n / max(dt, 1e-9))
-        run_sum = torch.zeros((), device=device)
-        run_n, last_logged, t_log = 0, step, time.perf_counter()
-
-    t_train = time.perf_counter()
-    images_seen = 0
-    model.train()
-    for epoch in range(step // steps_per_epoch, epochs):
-        lr = _lr_at(tcfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        perm = epoch_permutation(seed, epoch, n).to(device if on_device else "cpu")
-        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            idx_all = perm[b * bs:(b + 1) * bs]
-            n_b = idx_all.shape[0]
-            draws = draw_step(gen, n_b, (3, image_size, image_size), tcfg, schedule, device)
-            sl, weight = rank_slice(n_b, rank, world)
-            idx, draws = idx_all[sl], draws.part(sl)
-            batch = data[idx]
-            if not on_device:
-                batch = batch.to(device, non_blocking=True)
-            x0 = uint8_to_float(batch)
-            x0 = x0.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            x0 = apply_flips(x0, draws)
-            y = ylab[idx.to(ylab.device)]
-            y = torch.where(draws.drop, torch.full_like(y, NULL_LABEL), y)
-            x_t = schedule.q_sample(x0, draws.t, draws.noise)
-            with autocast(device, amp_dtype):
-                pred = net(x_t, draws.t, y)
-            # sum of per-image MSEs over this rank's images / global batch: DDP's mean over ranks of world x this
-            # is the gradient of the global batch's mean loss (== F.mse_loss on one process)
-            per_image = (pred.float() - draws.noise).pow(2).flatten(1).mean(1)
-            local_sum = per_image.sum() * weight
-            opt.zero_grad(set_to_none=True)
-            (local_sum * (world / n_b)).backward()
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            images_seen += n_b
-            run_sum += local_sum.detach()
-            run_n += n_b
-            if (log_every and step % log_every == 0) or b == steps_per_epoch - 1:
-                flush()
-            if b == steps_per_epoch - 1:  # epoch done: its row joins the history before any checkpoint of this step
-                history.append({"epoch": epoch + 1, "step": step, "loss": epoch_sum / max(epoch_n, 1), "lr": lr,
-                                "images": epoch_n, "seconds": round(time.perf_counter() - t_epoch, 3)})
-                log.info("epoch %d/%d mean loss %.5f", epoch + 1, epochs, history[-1]["loss"])
-                epoch_sum, epoch_n, t_epoch = 0.0, 0, time.perf_counter()
-            if checkpoint_every and step % checkpoint_every == 0 and step < total:
-                flush()
-                if main_rank:
-                    save_checkpoint(state_dict(), state_path)
-                    log.info("checkpoint at step %d -> %s", step, state_path)
-            if on_step is not None:
-                on_step(step)
-
-    elapsed = time.perf_counter() - t_train
-    if main_rank:
-        final = state_dict()
-        final["history"] = without_timings(final["history"])
-        save_checkpoint(final, checkpoint_out)
-        if state_path.exists():
-            state_path.unlink()
-    ips = images_seen / elapsed if images_seen else float("nan")
-    log.info("trained %d steps (%d this run, %.1f images/s) -> %s", step, step - resumed_from, ips, checkpoint_out)
-    return {"history": pd.DataFrame(history, columns=LOSS_COLUMNS), "steps": step, "resumed_from": resumed_from,
-            "images_per_s": ips, "precision": precision, "parameters": n_parameters(model), "spec": spec,
-            "fingerprint": fp, "on_device": on_device, "world_size": world}
-
-
-def write_loss_outputs(history: pd.DataFrame, loss_csv, loss_png, title: str = "") -> None:
-    """The per-epoch loss table and the loss-curve figure (seed Figure 6: MSE on eps vs epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    write_csv(history, loss_csv)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    ax.plot(history["epoch"], history["loss"], marker="o", ms=3, lw=1.5)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (MSE on noise)")
-    ax.set_title(title or "Diffusion training loss vs epochs")
-    if len(history) and (history["loss"] > 0).all():
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = Path(loss_png).with_name(f".{Path(loss_png).name}.part.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, loss_png)
-
-
-def run_training(*, pack, pack_index, split, checkpoint_out, loss_csv, loss_png, cfg: dict, image_size: int, seed: int,
-                 device, rule: str = "train_diffusion", on_step=None, world_size: int = 1, threads: int = 1) -> dict:
-    """Entry point of rule train_diffusion: train/resume, then the loss table + figure, each with provenance.
-
-    ``world_size`` > 1 trains with that many DDP processes under torchrun (cfaudit.diffusion.distributed).
-    """
-    from cfaudit.provenance import now, write_provenance
-
-    started = now()
-    state_path = Path(checkpoint_out).with_name("train_state.pt")
-    kwargs = dict(pack=pack, pack_index=pack_index, split=split, checkpoint_out=checkpoint_out, state_path=state_path,
-                  cfg=cfg, image_size=image_size, seed=seed)
-    if world_size > 1:
-        from cfaudit.diffusion.distributed import launch_training
-
-        res = launch_training(world_size, device=device, threads=threads, **kwargs)
-    else:
-        res = train_diffusion(**kwargs, device=device, on_step=on_step)
-    spec = res["spec"]
-    title = (f"Diffusion training loss vs epochs\n({spec['arch']}, {res['parameters'] / 1e6:.2f} M parameters, "
-             f"{image_size} px, T={cfg['T']})")
-    write_loss_outputs(res["history"], loss_csv, loss_png, title)
-    slice_ = {"diffusion": train_config(cfg), "image_size": image_size, "seed": seed}
-    extra = {"training": {"steps": res["steps"], "resumed_from_step": res["resumed_from"], "precision": res["precision"],
-                          "images_per_s_this_run": res["images_per_s"], "parameters": res["parameters"],
-                          "fingerprint": res["fingerprint"], "data_on_device": res["on_device"],
-                          "processes": res["world_size"]}}
-    for out in (checkpoint_out, loss_csv, loss_png):
-        write_provenance(out, [pack, pack_index, split], slice_, rule, started, extra)
-    return res
+    plan = plan_training(pack, pack_index, split, cfg, image_size, seed, device)
+    trainer = DiffusionTrainer(plan, state_path, checkpoint_every=checkpoint_every, log_every=log_every, rank=rank,
+                               world=world)
+    trainer.resume()
+    trainer.place()
+    elapsed = trainer.run(on_step)
+    return trainer.finish(checkpoint_out, elapsed)

@@ -21,17 +21,15 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import time
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import torch
 
-from cfaudit.files import atomic_path, save_torch, sha256_file
+from cfaudit.files import save_torch, sha256_file
 from cfaudit.gan.networks import PUBLISHED_ARCH, Discriminator, Generator, GeneratorArch
+from cfaudit.weights import RetryPolicy, place_verified, state_dict_mismatch
 
 log = logging.getLogger("cfaudit.gan")
 
@@ -70,10 +68,6 @@ def to_published(state: dict) -> dict:
     return {published_name(k): v for k, v in state.items()}
 
 
-def _shape(v) -> tuple:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else ("not a tensor: " + type(v).__name__,)
-
-
 def from_published(state: dict, arch: GeneratorArch, source: str = "<checkpoint>") -> dict:
     """Map a published-layout generator state dict onto ``Generator(arch)``'s names, strictly.
 
@@ -84,20 +78,12 @@ def from_published(state: dict, arch: GeneratorArch, source: str = "<checkpoint>
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation
         model = Generator(arch)
     expected = {published_name(k): (k, v) for k, v in model.state_dict().items()}
-    missing = [p for p in expected if p not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{p} (file {_shape(state[p])}, model {tuple(v.shape)})"
-                 for p, (_, v) in expected.items() if p in state and _shape(state[p]) != tuple(v.shape)]
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                more = f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
+    mismatch = state_dict_mismatch({p: v for p, (_, v) in expected.items()}, state)
+    if mismatch:
         raise GANCheckpointError(
             f"{source}: the 'generator' state dict does not match the generator architecture "
             f"(base_channels={arch.base_channels}, n_blocks={arch.n_blocks}, n_bins={arch.n_bins}; "
-            f"{len(expected)} tensors expected, the file has {len(state)}). " + "; ".join(parts) + ". "
+            f"{len(expected)} tensors expected, the file has {len(state)}). {mismatch.describe()}. "
             "A published DeGrave et al. generator needs the published architecture (64 channels, 9 residual "
             "blocks, 10 bins); check that the file is a generator checkpoint of that layout "
             "(tests/fixtures/checkpoint_keys/derm_audit_generator_299.txt)."
@@ -199,58 +185,11 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------------------
 def place_weights(dest: str | os.PathLike, sha256: str, url: str = "", local_path: str = "", retries: int = 4,
                   timeout_s: float = 120.0, sleep=time.sleep) -> Path:
-    """Copy ``local_path`` (when it exists) or download ``url`` to ``dest``, then check its sha256.
-
-    Nothing is left at ``dest`` on a mismatch. ``sha256`` is required: an empty one fails with the file's
-    actual digest in the message, to paste into config after checking the file's origin. Network errors are
-    retried ``retries`` times with exponential back-off.
-    """
-    dest = Path(dest)
-    use_local = bool(local_path) and Path(local_path).exists()
-    if not use_local and not url:
-        raise GANCheckpointError(
-            "gan.source is 'pretrained' but neither gan.pretrained.local_path "
-            f"({local_path!r}{' does not exist' if local_path else ''}) nor gan.pretrained.url is usable. Set "
-            "gan.pretrained.url (e.g. https://zenodo.org/records/10049217/files/deepderm_isic.pth, the generator "
-            "trained against DeepDerm on ISIC) or a local copy in gan.pretrained.local_path."
-        )
-    tmp = atomic_path(dest)
-    try:
-        if use_local:
-            origin = str(local_path)
-            shutil.copyfile(local_path, tmp)
-        else:
-            origin = url
-            if urllib.parse.urlparse(url).scheme not in ("http", "https", "file"):
-                raise GANCheckpointError(f"gan.pretrained.url {url!r} is not an http(s):// or file:// URL")
-            for attempt in range(retries + 1):
-                try:
-                    log.info("downloading %s (attempt %d of %d)", url, attempt + 1, retries + 1)
-                    with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(tmp, "wb") as fh:
-                        shutil.copyfileobj(resp, fh, length=1 << 20)
-                    break
-                except OSError as err:
-                    if attempt == retries:
-                        raise GANCheckpointError(
-                            f"download of {url} failed after {retries + 1} attempts: {err}. Check the URL and the "
-                            f"network, or download the file yourself and set gan.pretrained.local_path."
-                        ) from None
-                    log.warning("download failed (%s); retrying in %d s", err, 2 ** attempt)
-                    sleep(2 ** attempt)
-        got = sha256_file(tmp)
-        if not sha256:
-            raise GANCheckpointError(
-                f"gan.pretrained.sha256 is empty; the file from {origin} has sha256 {got}. After checking where "
-                f"the file came from, put this digest in gan.pretrained.sha256 so the weights are verified."
-            )
-        if got != sha256.lower():
-            raise GANCheckpointError(
-                f"{origin} has sha256 {got}, but gan.pretrained.sha256 is {sha256}: wrong or corrupted file. "
-                f"Nothing was placed at {dest}."
-            )
-        os.replace(tmp, dest)
-        log.info("placed %s -> %s (sha256 %s, %d bytes)", origin, dest, got, dest.stat().st_size)
-        return dest
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Copy ``local_path`` (when it exists) or download ``url`` to ``dest``, sha256-verified
+    (:func:`cfaudit.weights.place_verified`: nothing is placed on a mismatch; an empty ``sha256`` fails with the
+    file's digest in the message, to paste into config after checking the file's origin)."""
+    return place_verified(
+        dest, sha256=sha256, local_path=local_path, url=url, what="gan.pretrained", error=GANCheckpointError,
+        policy=RetryPolicy(retries=retries), timeout_s=timeout_s, sleep=sleep, logger=log,
+        hint="E.g. gan.pretrained.url: https://zenodo.org/records/10049217/files/deepderm_isic.pth (the generator "
+             "trained against DeepDerm on ISIC).")

@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfaudit.counterfactuals import TARGETS, image_path, index_rows, save_png, shard_anchors, write_index
-from cfaudit.data.pack import float_to_uint8, load_pack
+from cfaudit.counterfactuals import (TARGETS, image_path, index_rows, read_anchor_pixels, save_png, shard_anchors,
+                                     write_index)
+from cfaudit.data.pack import float_to_uint8
 from cfaudit.gan.checkpoint import load_generator
 from cfaudit.gan.networks import Generator
 from cfaudit.gan.training import images_at
@@ -70,16 +71,6 @@ def classifier_input_size(spec_path: str | os.PathLike) -> tuple[int, str]:
     return int(spec["input_size"]), str(spec.get("name", spec.get("kind", "classifier")))
 
 
-def anchor_images(pack, index, anchors: pd.DataFrame) -> np.ndarray:
-    """uint8 (N,H,W,3) pack rows of the anchors, in the anchors' order."""
-    images, idx = load_pack(pack, index)
-    row_of = dict(zip(idx["image_id"], idx["row"]))
-    missing = [a for a in anchors["image_id"] if a not in row_of]
-    if missing:
-        raise ValueError(f"{len(missing)} anchors are not in {index}, e.g. {missing[:3]}; rerun the data stage")
-    return np.ascontiguousarray(images[[row_of[a] for a in anchors["image_id"]]])
-
-
 def generate_shard(checkpoint, classifier_spec, pack, index, anchors_csv, shard: int, n_shards: int,
                    out_dir, gan_cfg: dict, device="cpu", out_index=None) -> pd.DataFrame:
     """Counterfactuals (both targets) for shard ``shard`` of ``n_shards`` of the anchors; writes PNGs into
@@ -99,7 +90,7 @@ def generate_shard(checkpoint, classifier_spec, pack, index, anchors_csv, shard:
     anchors = shard_anchors(pd.read_csv(anchors_csv), shard, n_shards)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = anchor_images(pack, index, anchors)
+    images = read_anchor_pixels(pack, index, anchors["image_id"].astype(str).tolist())
     x = images_at(images, size, device) if len(images) else torch.empty(0, 3, size, size, device=device)
 
     settings_base = {

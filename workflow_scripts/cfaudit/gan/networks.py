@@ -1,5 +1,6 @@
 """The GAN baseline's networks (DeGrave et al. 2023, after Singla et al.'s "Explanation by Progressive
-Exaggeration"), written as this project's own modules from the description in facts §2.
+Exaggeration"), written as this project's own modules after github.com/suinleelab/derm_audit models/cgan.py
+(DeGrave et al. 2023, Nat. Biomed. Eng., doi:10.1038/s41551-023-01160-9).
 
 Generator (CycleGAN-style, conditioned on one of ``n_bins`` bins of the audited classifier's probability):
 

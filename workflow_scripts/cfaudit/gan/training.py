@@ -1,4 +1,5 @@
-"""Training the GAN baseline against the audited classifier (DeGrave et al. 2023, facts §2).
+"""Training the GAN baseline against the audited classifier (DeGrave et al. 2023, Nat. Biomed. Eng.,
+doi:10.1038/s41551-023-01160-9; code github.com/suinleelab/derm_audit, train.py).
 
 The generator is conditioned on the classifier's own opinion, never on ground truth: the classifier's
 probability of malignancy on the real image is cut into ``n_bins`` equal bins over [0, 1]. Per batch:
@@ -26,11 +27,13 @@ uninterrupted run.
 Each epoch also measures a fixed probe (up to ``probe_size`` training images, eval mode, bins 0 and
 ``n_bins - 1``): the classifier-consistency BCE and the share of outputs the classifier puts on the
 requested side of 0.5 (flip rates), logged as ``probe_*`` columns; row 0 is the untrained generator.
+
+:func:`train_gan` runs the named steps of :class:`GANTrainer`; the loss figure is cfaudit.figures.loss_figure
+with the panels of :func:`loss_panels`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfaudit.data.pack import float_to_uint8_tensor, uint8_to_float, uint8_to_unit
 from cfaudit.gan.checkpoint import (
     GANCheckpointError,
     checkpoint_dict,
@@ -54,6 +58,7 @@ from cfaudit.gan.checkpoint import (
     save_checkpoint,
 )
 from cfaudit.gan.networks import Discriminator, Generator, GeneratorArch
+from cfaudit.precision import autocast, resolve_precision
 from cfaudit.provenance import without_timings
 
 log = logging.getLogger("cfaudit.gan")
@@ -121,7 +126,7 @@ def images_at(images_uint8: np.ndarray, size: int, device, chunk: int = 256) -> 
     out = []
     for i in range(0, len(images_uint8), chunk):
         t = torch.as_tensor(np.ascontiguousarray(images_uint8[i:i + chunk])).to(device)
-        out.append(to_size(t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0), size))
+        out.append(to_size(uint8_to_float(t), size))
     return torch.cat(out) if out else torch.empty(0, 3, size, size, device=device)
 
 
@@ -133,7 +138,7 @@ class Augmenter:
         self.brightness = float(brightness)
         self.big = max(size, int(round(scale * size)))
         up = torch.cat([to_size(images[i:i + 256], self.big) for i in range(0, len(images), 256)])
-        self.store = up.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)  # (N,3,big,big)
+        self.store = float_to_uint8_tensor(up)  # (N,3,big,big)
 
     def __len__(self) -> int:
         return self.store.shape[0]
@@ -148,7 +153,7 @@ class Augmenter:
         cols = (left[:, None] + torch.arange(s)).to(dev)
         sel = self.store[idx.to(dev)]  # (n,3,big,big)
         crop = sel[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n,s,s,3)
-        x = crop.permute(0, 3, 1, 2).float().div(255.0)
+        x = uint8_to_unit(crop)
         x = (x * factor.to(dev).view(-1, 1, 1, 1)).clamp(0, 1)
         return x.mul(2).sub(1).contiguous()
 
@@ -179,16 +184,6 @@ def fingerprint(gan_cfg: dict, seed: int, extra: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "bf16" and device.type != "cuda":
-        log.warning("gan.train.precision is bf16 but the device is %s: training in fp32", device)
-    return device.type == "cuda" and precision in ("auto", "bf16")
-
-
-def _autocast(enabled: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def critic(discriminator: Discriminator, x: torch.Tensor) -> torch.Tensor:
     """The discriminator always runs in fp32: under autocast, spectral norm's power iteration would store its
     u / v vectors in bf16. It is small next to the generator and the classifier."""
@@ -199,7 +194,7 @@ def critic(discriminator: Discriminator, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe(generator: Generator, classifier: nn.Module, x: torch.Tensor, n_bins: int, bf16: bool,
+def probe(generator: Generator, classifier: nn.Module, x: torch.Tensor, n_bins: int, amp_dtype: torch.dtype | None,
           batch: int = 32) -> dict:
     """Eval-mode classifier consistency on a fixed set: BCE to the bin centre for bins 0 and n_bins-1, and
     the share of outputs the classifier puts below / at-or-above 0.5."""
@@ -212,7 +207,7 @@ def probe(generator: Generator, classifier: nn.Module, x: torch.Tensor, n_bins: 
         xb = x[i:i + batch]
         for b in (0, n_bins - 1):
             y = torch.full((len(xb),), b, dtype=torch.long, device=x.device)
-            with _autocast(bf16):
+            with autocast(x.device, amp_dtype):
                 logits = classifier(generator(xb, y).float())
             losses.append(bce_to_classifier(centres[y], logits, pos).item() * len(xb))
             p = torch.softmax(logits.float(), 1)[:, pos]
@@ -254,6 +249,201 @@ def _restore(path: Path, fp: str, epochs: int, generator, discriminator, g_opt, 
     return meta
 
 
+class _EpochMeans:
+    """Per-epoch means of the loss terms; the running sums stay on the device (no GPU sync per step)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict:
+        return {key: (total / self.counts[key]).item() for key, total in self.sums.items()}
+
+
+def _frozen(classifier: nn.Module, device: torch.device) -> nn.Module:
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    return classifier.to(device)
+
+
+class GANTrainer:
+    """One run in named steps: set-up (the constructor: frozen classifier, seeded networks and optimisers, the
+    augmented data and the probe set), :meth:`resume`, :meth:`d_step` / :meth:`g_step` on one batch,
+    :meth:`run_epoch`, :meth:`save` (the resume file) and :meth:`result`. Every random draw comes from ``self.rng``
+    (on the CPU), in the same order on every device."""
+
+    def __init__(self, train_images: np.ndarray, classifier: nn.Module, gan_cfg: dict, *, seed: int, device,
+                 work_dir, data_fingerprint: dict | None):
+        self.t_start = time.perf_counter()
+        self.gan_cfg, self.cfg, self.seed, self.device = gan_cfg, gan_cfg["train"], seed, torch.device(device)
+        cfg, device = self.cfg, self.device
+        self.arch = arch_from_config(gan_cfg)
+        self.size, self.pos = int(classifier.input_size), int(classifier.positive_index)
+        self.mb, self.acc, self.n_critic = int(cfg["micro_batch"]), int(cfg["accumulation"]), int(cfg["n_critic"])
+        self.batch, self.n = self.mb * self.acc, len(train_images)
+        if self.n < self.batch:
+            raise ValueError(f"gan.train: a batch is micro_batch x accumulation = {self.batch} images but only {self.n} "
+                             f"training images exist; lower gan.train.micro_batch or gan.train.accumulation")
+        _, self.amp_dtype = resolve_precision(cfg["precision"], device, key="gan.train.precision", cpu_bf16=False)
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        self.resume_path = Path(work_dir) / RESUME_NAME
+        self.fp = fingerprint(gan_cfg, seed, {"size": self.size, "n_train": self.n, **(data_fingerprint or {})})
+        self.classifier = _frozen(classifier, device)
+        self._networks()
+        x_all = images_at(train_images, self.size, device)
+        self.aug = Augmenter(x_all, self.size, float(cfg["augment_scale"]), float(cfg["brightness"]))
+        probe_idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed + 1))[:min(int(cfg["probe_size"]), self.n)]
+        self.x_probe = x_all[probe_idx.to(device)]
+        self.lam = {k: float(cfg[k]) for k in ("lambda_gan", "lambda_rec", "lambda_cycle", "lambda_cls")}
+        self.n_bins, self.epochs = self.arch.n_bins, int(cfg["epochs"])
+        self.centres = bin_centres(self.n_bins, device)
+        self.done, self.d_steps, self.g_steps, self.resumed_from, self.meta = 0, 0, 0, None, None
+
+    def _networks(self) -> None:
+        """Seeded generator and discriminator (channels_last on a GPU), their Adam optimisers, the run's RNG."""
+        torch.manual_seed(self.seed)
+        self.generator = Generator(self.arch).to(self.device)
+        self.discriminator = Discriminator(int(self.gan_cfg["arch"]["d_base_channels"])).to(self.device)
+        if self.device.type == "cuda":
+            self.generator = self.generator.to(memory_format=torch.channels_last)
+            self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
+        betas, lr = tuple(float(b) for b in self.cfg["betas"]), float(self.cfg["lr"])
+        self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas)
+        self.d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)
+        self.rng = torch.Generator().manual_seed(self.seed)
+
+    def probe(self) -> dict:
+        return probe(self.generator, self.classifier, self.x_probe, self.n_bins, self.amp_dtype)
+
+    def resume(self) -> None:
+        """Continue from ``resume.pt`` when it belongs to this run; else row 0 is the untrained generator's probe."""
+        meta = _restore(self.resume_path, self.fp, self.epochs, self.generator, self.discriminator, self.g_opt,
+                        self.d_opt, self.rng, self.device)
+        if meta is None:
+            self.history = [{"epoch": 0, "d_steps": 0, "g_steps": 0, **self.probe(), "seconds": 0.0}]
+        else:
+            self.history = list(meta["history"])
+            self.done, self.d_steps, self.g_steps = int(meta["epochs_completed"]), int(meta["d_steps"]), int(meta["g_steps"])
+            self.resumed_from = self.done
+        self.meta = meta
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp_dtype):
+            return self.classifier(x).float()
+
+    def d_step(self, micro: list[torch.Tensor], means: _EpochMeans) -> None:
+        """Discriminator step (hinge): real images vs G(x, random target bin), gradients accumulated over ``micro``."""
+        self.d_opt.zero_grad(set_to_none=True)
+        d_tot = d_real = d_fake = 0.0
+        for x in micro:
+            y_t = torch.randint(0, self.n_bins, (len(x),), generator=self.rng).to(self.device)
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
+                fake = self.generator(x, y_t)
+            scores = critic(self.discriminator, torch.cat([x, fake.float()]))
+            real_s, fake_s = scores[:len(x)], scores[len(x):]
+            loss = self.lam["lambda_gan"] * hinge_d(real_s, fake_s)
+            (loss / self.acc).backward()
+            d_tot = d_tot + loss.detach() / self.acc
+            d_real = d_real + real_s.detach().mean() / self.acc
+            d_fake = d_fake + fake_s.detach().mean() / self.acc
+        self.d_opt.step()
+        self.d_steps += 1
+        means.add("d_loss", d_tot)
+        means.add("d_real", d_real)
+        means.add("d_fake", d_fake)
+
+    def g_loss(self, x: torch.Tensor) -> dict:
+        """The generator's weighted loss on one micro-batch (``g_loss``) and its unweighted terms."""
+        lam, pos, n_bins = self.lam, self.pos, self.n_bins
+        with torch.no_grad():
+            p_x = torch.softmax(self.classify(x), 1)[:, pos]
+            y_orig = prob_to_bin(p_x, n_bins)
+        y_t = torch.randint(0, n_bins, (len(x),), generator=self.rng).to(self.device)
+        with autocast(self.device, self.amp_dtype):
+            fake = self.generator(x, y_t)
+            recon = self.generator(x, y_orig)
+            cycle = self.generator(fake, y_orig)
+        adv = hinge_g(critic(self.discriminator, fake))
+        l_rec = F.l1_loss(recon.float(), x)
+        l_cyc = F.l1_loss(cycle.float(), x)
+        cls_t = bce_to_classifier(self.centres[y_t], self.classify(fake), pos)
+        cls_r = bce_to_classifier(p_x, self.classify(recon), pos)
+        loss = (lam["lambda_gan"] * adv + lam["lambda_rec"] * l_rec + lam["lambda_cycle"] * l_cyc
+                + lam["lambda_cls"] * (cls_t + cls_r))
+        return {"g_loss": loss, "g_adv": adv, "g_rec": l_rec, "g_cycle": l_cyc, "g_cls_target": cls_t, "g_cls_rec": cls_r}
+
+    def g_step(self, micro: list[torch.Tensor], means: _EpochMeans) -> None:
+        """Generator step (the discriminator frozen), gradients accumulated over ``micro``."""
+        self.discriminator.requires_grad_(False)
+        self.g_opt.zero_grad(set_to_none=True)
+        parts = dict.fromkeys(("g_loss", "g_adv", "g_rec", "g_cycle", "g_cls_target", "g_cls_rec"), 0.0)
+        for x in micro:
+            terms = self.g_loss(x)
+            (terms["g_loss"] / self.acc).backward()
+            for k, v in terms.items():
+                parts[k] = parts[k] + v.detach() / self.acc
+        self.g_opt.step()
+        self.discriminator.requires_grad_(True)
+        self.g_steps += 1
+        for k, v in parts.items():
+            means.add(k, v)
+
+    def run_epoch(self, epoch: int) -> dict:
+        """One pass over the shuffled images (incomplete last batch dropped), then the probe; its history row."""
+        t0, means = time.perf_counter(), _EpochMeans()
+        perm = torch.randperm(self.n, generator=self.rng)
+        n_batches = self.n // self.batch
+        for b in range(n_batches):
+            x_batch = self.aug.draw(perm[b * self.batch:(b + 1) * self.batch], self.rng).to(self.device)
+            if self.device.type == "cuda":
+                x_batch = x_batch.contiguous(memory_format=torch.channels_last)
+            micro = [x_batch[m * self.mb:(m + 1) * self.mb] for m in range(self.acc)]
+            self.d_step(micro, means)
+            if self.d_steps % self.n_critic == 0:
+                self.g_step(micro, means)
+        row = {"epoch": epoch, "d_steps": self.d_steps, "g_steps": self.g_steps, **means.means(), **self.probe()}
+        row["seconds"] = time.perf_counter() - t0
+        row["images_per_s"] = n_batches * self.batch / row["seconds"]
+        self.history.append(row)
+        log.info("epoch %d/%d: %s", epoch, self.epochs, ", ".join(
+            f"{k}={row[k]:.4g}" for k in LOSS_COLUMNS[3:] if k in row and isinstance(row[k], float)))
+        return row
+
+    def save(self, epoch: int) -> None:
+        """The resume file after ``epoch``: both networks and optimisers, the RNG state and the history."""
+        meta_out = {"fingerprint": self.fp, "epochs_completed": epoch, "d_steps": self.d_steps, "g_steps": self.g_steps,
+                    "rng_state": self.rng.get_state(), "history": self.history, "im_size": self.size, "seed": self.seed,
+                    "classifier": getattr(self.classifier, "name", type(self.classifier).__name__),
+                    "d_base_channels": int(self.gan_cfg["arch"]["d_base_channels"])}
+        save_checkpoint(checkpoint_dict(self.generator, self.discriminator, self.g_opt, self.d_opt, epoch - 1, meta_out),
+                        self.resume_path)
+
+    def run(self, on_epoch_end=None) -> None:
+        """The remaining epochs, with a resume file every ``checkpoint_every`` epochs and after the last."""
+        self.generator.train()
+        self.discriminator.train()
+        for epoch in range(self.done + 1, self.epochs + 1):
+            row = self.run_epoch(epoch)
+            if epoch == self.epochs or epoch % int(self.cfg["checkpoint_every"]) == 0:
+                self.save(epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+        if self.meta is not None and self.done == self.epochs:
+            log.info("resume checkpoint already has all %d epochs", self.epochs)
+
+    def result(self) -> TrainResult:
+        settings = {"im_size": self.size, "bf16": self.amp_dtype is not None, "device": str(self.device), "n_train": self.n,
+                    "batch": self.batch, "batches_per_epoch": self.n // self.batch, "fingerprint": self.fp}
+        return TrainResult(self.generator, self.discriminator, read_checkpoint(self.resume_path),
+                           history_table(self.history), self.epochs - self.done, self.resumed_from,
+                           time.perf_counter() - self.t_start, settings)
+
+
 def train_gan(train_images: np.ndarray, classifier: nn.Module, gan_cfg: dict, *, seed: int,
               device="cpu", work_dir: str | os.PathLike, data_fingerprint: dict | None = None,
               on_epoch_end=None) -> TrainResult:
@@ -263,164 +453,11 @@ def train_gan(train_images: np.ndarray, classifier: nn.Module, gan_cfg: dict, *,
     images are resized to it. ``work_dir`` holds ``resume.pt``. ``on_epoch_end(epoch, row)`` is called after
     each epoch's checkpoint (tests use it to simulate a kill).
     """
-    t_start = time.perf_counter()
-    cfg = gan_cfg["train"]
-    device = torch.device(device)
-    arch = arch_from_config(gan_cfg)
-    size = int(classifier.input_size)
-    pos = int(classifier.positive_index)
-    mb, acc, n_critic = int(cfg["micro_batch"]), int(cfg["accumulation"]), int(cfg["n_critic"])
-    batch = mb * acc
-    n = len(train_images)
-    if n < batch:
-        raise ValueError(f"gan.train: a batch is micro_batch x accumulation = {batch} images but only {n} training "
-                         f"images exist; lower gan.train.micro_batch or gan.train.accumulation")
-    bf16 = use_bf16(cfg["precision"], device)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = work_dir / RESUME_NAME
-    fp = fingerprint(gan_cfg, seed, {"size": size, "n_train": n, **(data_fingerprint or {})})
-
-    classifier.eval()
-    for p in classifier.parameters():
-        p.requires_grad_(False)
-    classifier.to(device)
-
-    torch.manual_seed(seed)
-    generator = Generator(arch).to(device)
-    discriminator = Discriminator(int(gan_cfg["arch"]["d_base_channels"])).to(device)
-    if device.type == "cuda":
-        generator = generator.to(memory_format=torch.channels_last)
-        discriminator = discriminator.to(memory_format=torch.channels_last)
-    betas = tuple(float(b) for b in cfg["betas"])
-    g_opt = torch.optim.Adam(generator.parameters(), lr=float(cfg["lr"]), betas=betas)
-    d_opt = torch.optim.Adam(discriminator.parameters(), lr=float(cfg["lr"]), betas=betas)
-    rng = torch.Generator().manual_seed(seed)
-
-    x_all = images_at(train_images, size, device)
-    aug = Augmenter(x_all, size, float(cfg["augment_scale"]), float(cfg["brightness"]))
-    n_probe = min(int(cfg["probe_size"]), n)
-    probe_idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:n_probe]
-    x_probe = x_all[probe_idx.to(device)]
-    del x_all
-
-    lam = {k: float(cfg[k]) for k in ("lambda_gan", "lambda_rec", "lambda_cycle", "lambda_cls")}
-    centres = bin_centres(arch.n_bins, device)
-    n_bins = arch.n_bins
-    epochs = int(cfg["epochs"])
-
-    meta = _restore(resume_path, fp, epochs, generator, discriminator, g_opt, d_opt, rng, device)
-    if meta is None:
-        history = [{"epoch": 0, "d_steps": 0, "g_steps": 0,
-                    **probe(generator, classifier, x_probe, n_bins, bf16), "seconds": 0.0}]
-        done, d_steps, g_steps, resumed_from = 0, 0, 0, None
-    else:
-        history = list(meta["history"])
-        done, d_steps, g_steps, resumed_from = int(meta["epochs_completed"]), int(meta["d_steps"]), int(meta["g_steps"]), int(meta["epochs_completed"])
-    generator.train()
-    discriminator.train()
-
-    def classify(x):
-        with _autocast(bf16):
-            return classifier(x).float()
-
-    n_batches = n // batch
-    for epoch in range(done + 1, epochs + 1):
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-
-        def add(key, value):  # running sums stay on the device (no GPU sync per step)
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-            counts[key] = counts.get(key, 0) + 1
-
-        perm = torch.randperm(n, generator=rng)
-        for b in range(n_batches):
-            x_batch = aug.draw(perm[b * batch:(b + 1) * batch], rng).to(device)
-            if device.type == "cuda":
-                x_batch = x_batch.contiguous(memory_format=torch.channels_last)
-            micro = [x_batch[m * mb:(m + 1) * mb] for m in range(acc)]
-
-            # ---- discriminator step ----
-            d_opt.zero_grad(set_to_none=True)
-            d_tot = d_real = d_fake = 0.0
-            for x in micro:
-                y_t = torch.randint(0, n_bins, (len(x),), generator=rng).to(device)
-                with torch.no_grad(), _autocast(bf16):
-                    fake = generator(x, y_t)
-                scores = critic(discriminator, torch.cat([x, fake.float()]))
-                real_s, fake_s = scores[:len(x)], scores[len(x):]
-                loss = lam["lambda_gan"] * hinge_d(real_s, fake_s)
-                (loss / acc).backward()
-                d_tot = d_tot + loss.detach() / acc
-                d_real = d_real + real_s.detach().mean() / acc
-                d_fake = d_fake + fake_s.detach().mean() / acc
-            d_opt.step()
-            d_steps += 1
-            add("d_loss", d_tot)
-            add("d_real", d_real)
-            add("d_fake", d_fake)
-
-            # ---- generator step ----
-            if d_steps % n_critic:
-                continue
-            discriminator.requires_grad_(False)
-            g_opt.zero_grad(set_to_none=True)
-            parts = dict.fromkeys(("g_loss", "g_adv", "g_rec", "g_cycle", "g_cls_target", "g_cls_rec"), 0.0)
-            for x in micro:
-                with torch.no_grad():
-                    logits_x = classify(x)
-                    p_x = torch.softmax(logits_x, 1)[:, pos]
-                    y_orig = prob_to_bin(p_x, n_bins)
-                y_t = torch.randint(0, n_bins, (len(x),), generator=rng).to(device)
-                with _autocast(bf16):
-                    fake = generator(x, y_t)
-                    recon = generator(x, y_orig)
-                    cycle = generator(fake, y_orig)
-                adv = hinge_g(critic(discriminator, fake))
-                l_rec = F.l1_loss(recon.float(), x)
-                l_cyc = F.l1_loss(cycle.float(), x)
-                cls_t = bce_to_classifier(centres[y_t], classify(fake), pos)
-                cls_r = bce_to_classifier(p_x, classify(recon), pos)
-                loss = (lam["lambda_gan"] * adv + lam["lambda_rec"] * l_rec + lam["lambda_cycle"] * l_cyc
-                        + lam["lambda_cls"] * (cls_t + cls_r))
-                (loss / acc).backward()
-                for k, v in (("g_loss", loss), ("g_adv", adv), ("g_rec", l_rec), ("g_cycle", l_cyc),
-                             ("g_cls_target", cls_t), ("g_cls_rec", cls_r)):
-                    parts[k] = parts[k] + v.detach() / acc
-            g_opt.step()
-            discriminator.requires_grad_(True)
-            g_steps += 1
-            for k, v in parts.items():
-                add(k, v)
-
-        row = {"epoch": epoch, "d_steps": d_steps, "g_steps": g_steps}
-        row.update({key: (total / counts[key]).item() for key, total in sums.items()})
-        row.update(probe(generator, classifier, x_probe, n_bins, bf16))
-        row["seconds"] = time.perf_counter() - t0
-        row["images_per_s"] = n_batches * batch / row["seconds"]
-        history.append(row)
-        log.info("epoch %d/%d: %s", epoch, epochs, ", ".join(
-            f"{k}={row[k]:.4g}" for k in LOSS_COLUMNS[3:] if k in row and isinstance(row[k], float)))
-
-        last = epoch == epochs
-        if last or epoch % int(cfg["checkpoint_every"]) == 0:
-            meta_out = {"fingerprint": fp, "epochs_completed": epoch, "d_steps": d_steps, "g_steps": g_steps,
-                        "rng_state": rng.get_state(), "history": history, "im_size": size, "seed": seed,
-                        "classifier": getattr(classifier, "name", type(classifier).__name__),
-                        "d_base_channels": int(gan_cfg["arch"]["d_base_channels"])}
-            save_checkpoint(checkpoint_dict(generator, discriminator, g_opt, d_opt, epoch - 1, meta_out), resume_path)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-
-    if meta is not None and done == epochs:
-        log.info("resume checkpoint already has all %d epochs", epochs)
-    ckpt = read_checkpoint(resume_path)
-    table = history_table(history)
-    settings = {"im_size": size, "bf16": bf16, "device": str(device), "n_train": n, "batch": batch,
-                "batches_per_epoch": n_batches, "fingerprint": fp}
-    return TrainResult(generator, discriminator, ckpt, table, epochs - done, resumed_from,
-                       time.perf_counter() - t_start, settings)
+    trainer = GANTrainer(train_images, classifier, gan_cfg, seed=seed, device=device, work_dir=work_dir,
+                         data_fingerprint=data_fingerprint)
+    trainer.resume()
+    trainer.run(on_epoch_end)
+    return trainer.result()
 
 
 def history_table(history: list[dict]) -> pd.DataFrame:
@@ -431,35 +468,17 @@ def history_table(history: list[dict]) -> pd.DataFrame:
     return df[LOSS_COLUMNS]
 
 
-def plot_losses(table: pd.DataFrame, path: str | os.PathLike, title: str = "GAN training") -> None:
-    """Loss curves per epoch (discriminator, generator terms, probe consistency and flip rates)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def loss_panels(table: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The GAN's loss figure as :func:`cfaudit.figures.loss_figure` panels: the adversarial (hinge) pair, the
+    generator's unweighted terms (both from epoch 1), and the eval-mode probe (epoch 0 = the untrained generator)."""
     t = table[table["epoch"] > 0]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for c in ("d_loss", "g_adv"):
-        axes[0].plot(t["epoch"], t[c], marker=".", label=c)
-    axes[0].set_title("adversarial (hinge)")
-    for c in ("g_rec", "g_cycle", "g_cls_target", "g_cls_rec"):
-        axes[1].plot(t["epoch"], t[c], marker=".", label=c)
-    axes[1].set_title("generator terms (unweighted)")
-    axes[2].plot(table["epoch"], table["probe_cls"], marker=".", label="probe_cls (BCE)")
-    axes[2].plot(table["epoch"], table["probe_to_benign"], marker=".", label="probe flip to benign")
-    axes[2].plot(table["epoch"], table["probe_to_malignant"], marker=".", label="probe flip to malignant")
-    axes[2].set_title("eval-mode probe (epoch 0 = untrained)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.part.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    probe_names = {"probe_cls": "probe_cls (BCE)", "probe_to_benign": "probe flip to benign",
+                   "probe_to_malignant": "probe flip to malignant"}
+    return {
+        "adversarial (hinge)": (t[["epoch", "d_loss", "g_adv"]], ""),
+        "generator terms (unweighted)": (t[["epoch", "g_rec", "g_cycle", "g_cls_target", "g_cls_rec"]], ""),
+        "eval-mode probe (epoch 0 = untrained)": (table[["epoch", *probe_names]].rename(columns=probe_names), ""),
+    }
 
 
 def run_train_gan(pack, index, split, classifier_spec, out_checkpoint, out_loss, out_curve, gan_cfg: dict,
@@ -468,6 +487,7 @@ def run_train_gan(pack, index, split, classifier_spec, out_checkpoint, out_loss,
     checkpoint, the per-epoch loss table and its plot. Returns a record for the provenance sidecars."""
     from cfaudit.classifiers import load_classifier
     from cfaudit.data.pack import load_pack
+    from cfaudit.figures import loss_figure
     from cfaudit.files import sha256_file, write_csv
 
     images, idx = load_pack(pack, index, split, "train")
@@ -482,7 +502,7 @@ def run_train_gan(pack, index, split, classifier_spec, out_checkpoint, out_loss,
     final["cfaudit"] = {**final["cfaudit"], "history": without_timings(final["cfaudit"]["history"])}
     save_checkpoint(final, out_checkpoint)
     write_csv(result.history, out_loss)
-    plot_losses(result.history, out_curve,
+    loss_figure(loss_panels(result.history), out_curve, dpi=100, panel_title="{name}", ylabel="mean per epoch", log_y=False,
                 title=f"GAN vs classifier '{getattr(classifier, 'name', '?')}' ({result.settings['im_size']} px)")
     # the resume state only outlives a killed job: once the outputs exist nothing undeclared stays in results/
     (Path(work_dir) / RESUME_NAME).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """The seed's ContextUnet (TeaPearce's conditional-MNIST UNet as scaled up by the seed to 256 px), generalised.
 
-Layout at ``image_size`` H (facts §3; H = 256, n_feat = 128 is the seed's model, 7.57 M parameters):
+Layout at ``image_size`` H (github.com/howellx/derm_audit; H = 256, n_feat = 128 is the seed's model, 7.57 M
+parameters):
 
     init_conv  ResidualConvBlock(3 -> n, residual)                      H
     down1      ResidualConvBlock(n -> n) + MaxPool2d(2)                  H/2

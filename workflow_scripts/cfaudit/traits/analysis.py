@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cfaudit.names import ORIGINAL
 from cfaudit.traits.control import GENERATOR as CONTROL
 from cfaudit.traits.control import control_verdict
 from cfaudit.traits.features import (CHANGE_FEATURES, FEATURES, PAIRED_SKIN, FeatureSettings, change_features,
@@ -31,7 +32,6 @@ from cfaudit.traits.statistics import CHANGE_SHARE, DIRECTION, VS_RECONSTRUCTION
 
 log = logging.getLogger("cfaudit.traits")
 ID_COLUMNS = ["image_id", "role", "anchor_id", "anchor_label", "generator", "target_label", "path", "seg_ok", "seg_flags"]
-ORIGINAL = "original"
 
 # Plain-language name and unit of every feature (tables, figures, README).
 DESCRIPTIONS = {

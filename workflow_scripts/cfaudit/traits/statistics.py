@@ -13,7 +13,7 @@ Paired analysis (per generator x target x stratum of anchors, one *family*):
 - Wilcoxon signed-rank test (scipy.stats.wilcoxon, two-sided, zero differences dropped, exact for <= 50
   untied pairs, normal approximation otherwise; p = 1 when every difference is 0), Holm step-down adjustment across the features of the family;
 - percentile bootstrap CI of the mean difference, resampling anchors with replacement, seeded from
-  ``seed`` and the family (``family_seed``), the same resamples for every feature of the family.
+  ``seed`` and the family's names (``cfaudit.runtime.derive_seed``), the same resamples for every feature of the family.
 
 Stratum ``vs_reconstruction`` (artefact-controlled): anchors of the opposite class only, and the reference is not
 the anchor but the same generator's counterfactual of the same anchor toward its *own* label (same noise and
@@ -28,15 +28,15 @@ Mann-Whitney U two-sided p-values, Holm across features.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from cfaudit.metrics import bootstrap
+from cfaudit.names import ORIGINAL
+from cfaudit.runtime import derive_seed
 from cfaudit.traits.features import FEATURES, MASK_FEATURES, PAIRED_SKIN
 
-ORIGINAL = "original"
 DIRECTION = {0: "benign", 1: "malignant"}
 PAIRED_COLUMNS = ["generator", "target_label", "direction", "stratum", "feature", "n", "anchor_mean", "cf_mean",
                   "mean_diff", "median_diff", "ci_low", "ci_high", "d_z", "rank_biserial", "p_wilcoxon", "p_holm",
@@ -107,23 +107,17 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 
-def family_seed(seed: int, *parts) -> int:
-    """A reproducible 32-bit seed for one family, derived from the root seed and the family's names."""
-    key = "|".join(str(p) for p in parts).encode()
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(key)]).generate_state(1)[0])
-
-
 def bootstrap_mean_ci(diffs: np.ndarray, rng: np.random.Generator, resamples: int, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile CIs of the column means of ``diffs`` (n, k), resampling rows; nan columns ignored."""
+    """Percentile CIs of the column means of ``diffs`` (n, k), resampling rows (:func:`cfaudit.metrics.bootstrap`;
+    one resample serves every column); nan values ignored."""
     diffs = np.asarray(diffs, float)
-    n = diffs.shape[0]
+    n, k = diffs.shape
     if n < 2 or resamples <= 0:
-        nan = np.full(diffs.shape[1], np.nan)
+        nan = np.full(k, np.nan)
         return nan, nan
-    idx = rng.integers(0, n, size=(resamples, n))
-    means = np.nanmean(diffs[idx], axis=1) if np.isnan(diffs).any() else diffs[idx].mean(axis=1)
-    a = (1 - level) / 2
-    return np.nanquantile(means, a, axis=0), np.nanquantile(means, 1 - a, axis=0)
+    mean = np.nanmean if np.isnan(diffs).any() else np.mean
+    ci = bootstrap(lambda idx: dict(enumerate(mean(diffs[idx], axis=0))), n, resamples, rng, level)
+    return np.array([ci[j].low for j in range(k)]), np.array([ci[j].high for j in range(k)])
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -185,7 +179,7 @@ def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 200
 
 
 def _family_rows(pairs, names, generator, target, stratum, seed, resamples, ci_level, alpha) -> list[dict]:
-    fseed = family_seed(seed, generator, target, stratum)
+    fseed = derive_seed(int(seed), generator, target, stratum)
     diffs = np.stack([pairs[f"{f}_cf"].to_numpy(float) - pairs[f"{f}_anchor"].to_numpy(float) for f in names], axis=1) \
         if len(pairs) else np.zeros((0, len(names)))
     lo, hi = bootstrap_mean_ci(diffs, np.random.default_rng(fseed), resamples, ci_level)
@@ -219,7 +213,8 @@ def label_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 2000
     """Malignant vs benign originals (role ``original`` or ``anchor``; each image once)."""
     names = list(feature_names or FEATURES)
     orig = features[features["role"].isin(["original", "anchor"])].drop_duplicates("image_id")
-    rng = np.random.default_rng(family_seed(seed, ORIGINAL, "label"))
+    fseed = derive_seed(int(seed), ORIGINAL, "label")
+    rng = np.random.default_rng(fseed)
     rows = []
     for f in names:
         vals = orig[f].to_numpy(float)
@@ -230,13 +225,12 @@ def label_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 2000
         row = {"stratum": "originals", "feature": f, "n_benign": int(b.size), "n_malignant": int(m.size),
                "benign_mean": float(b.mean()) if b.size else np.nan,
                "malignant_mean": float(m.mean()) if m.size else np.nan,
-               "bootstrap_seed": family_seed(seed, ORIGINAL, "label"), "resamples": resamples, "ci_level": ci_level}
+               "bootstrap_seed": fseed, "resamples": resamples, "ci_level": ci_level}
         row["mean_diff"] = row["malignant_mean"] - row["benign_mean"]
-        if m.size >= 2 and b.size >= 2:
-            bm = m[rng.integers(0, m.size, (resamples, m.size))].mean(axis=1)
-            bb = b[rng.integers(0, b.size, (resamples, b.size))].mean(axis=1)
-            a = (1 - ci_level) / 2
-            row["ci_low"], row["ci_high"] = (float(v) for v in np.quantile(bm - bb, [a, 1 - a]))
+        if m.size >= 2 and b.size >= 2:  # each class resampled within itself, one stream for every feature
+            ci = bootstrap(lambda im, ib: {"d": m[im].mean() - b[ib].mean()}, (m.size, b.size), resamples, rng,
+                           ci_level)["d"]
+            row["ci_low"], row["ci_high"] = ci.low, ci.high
             row["cliffs_delta"] = cliffs_delta(m, b)
             same = np.ptp(np.concatenate([m, b])) == 0
             row["p_mannwhitney"] = 1.0 if same else float(stats.mannwhitneyu(m, b, alternative="two-sided").pvalue)

@@ -1,23 +1,5 @@
-"""The project's performance benchmark: every figure of the performance targets in one run, printed and appended
-to BENCHMARKS.md with the device, precision, batch size, model size, date and code version.
-
-    python -m cfaudit.benchmark                  # the GPU figures on a GPU (CPU-sized stand-ins without one)
-    python -m cfaudit.benchmark --demo           # + the embedded demo end to end (wall time, peak memory, per rule)
-    python -m cfaudit.benchmark --rules benchmarks   # + the per-rule table of a finished run's benchmark: files
-    python -m cfaudit.benchmark --quick          # smoke sizes: checks that every figure is produced (the test)
-
-Figures (random weights and data: speed does not depend on them):
-  peak            a large matmul (bf16 on a GPU, fp32 on the CPU): the measured hardware limit MFU is taken against
-  train_*         the seed's ContextUnet at 256 px (n_feat 128): plain fp32 eager at the seed's batch 8 (the
-                  baseline), bf16 + channels_last at batch 64, and the same under torch.compile; the library UNet
-                  (64 M parameters); model FLOPs per image counted by torch's FlopCounterMode, training = 3 x forward
-  data_path       the share of a training step spent on the data path (index the uint8 pack on the device, convert,
-                  flip, draw noise): 1 - share is the upper bound on GPU starvation by data
-  cf_*            SDEdit counterfactuals (both targets, CFG) with the fast sampler and the seed's 320-step ancestral path
-  score / fid     DeepDerm (Inception-v3) scoring and pytorch-fid feature extraction at 299, PNG decode + resize included
-  demo            `snakemake --cores 2` of the embedded default in a fresh directory: wall time, peak resident memory
-                  of the whole process tree, and the per-rule table of its benchmark: files
-"""
+"""The project's performance benchmark: every figure of the performance targets in one run (``python -m
+cfaudit.benchmark``, see :mod:`cfaudit.benchmark`), printed and appended to BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -26,12 +8,9 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,28 +18,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfaudit.diffusion.bench import sync_device
-from cfaudit.scoring import benchmark_paths
+from cfaudit.benchmark.demo import rule_table, run_demo
+from cfaudit.benchmark.scoring import benchmark_paths
+from cfaudit.benchmark.timing import timed
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RESULTS_FILE = REPO / "BENCHMARKS.md"
 # Targets of the performance issue (GPU figures) and of the CPU demo.
 TARGETS = {"train_seed_best": ">= 460 img/s (40 % of bf16 peak)", "train_unet64m": "> 158 img/s",
            "cf_fast": ">= 20 anchors/s", "score": ">= 3000 img/s", "fid_features": ">= 3000 img/s",
            "demo_wall": "<= 600 s", "demo_peak_rss": "<= 4096 MB"}
-
-
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Best wall seconds of ``fn()`` over ``repeats`` (after one untimed call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync_device(device)
-        t0 = time.perf_counter()
-        fn()
-        sync_device(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measured_peak_flops(device: torch.device, quick: bool) -> tuple[float, str]:
@@ -70,7 +37,7 @@ def measured_peak_flops(device: torch.device, quick: bool) -> tuple[float, str]:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     reps = 20 if device.type == "cuda" else (3 if quick else 8)
-    sec = timed(lambda: [a @ b for _ in range(reps)], device)
+    sec = timed(lambda: [a @ b for _ in range(reps)], device).seconds
     return 2 * n**3 * reps / sec, f"{n}^3 {str(dtype).removeprefix('torch.')} matmul"
 
 
@@ -85,12 +52,13 @@ def forward_flops(model, x, t, y) -> int:
 
 def bench_train(arch_cfg: dict, image_size: int, batch: int, precision: str, compile_: bool, steps: int,
                 device: torch.device, peak: float) -> dict:
-    """Training img/s of one model setting (cfaudit.diffusion.bench.bench_training: the rule's step), FLOPs, MFU."""
+    """Training img/s of one model setting (cfaudit.benchmark.diffusion.bench_training: the rule's step), FLOPs, MFU."""
     from cfaudit.config import validate_config
-    from cfaudit.diffusion.bench import bench_training
-    from cfaudit.diffusion.checkpoint import resolve_precision, tune_backend
+    from cfaudit.benchmark.diffusion import bench_training
+    from cfaudit.diffusion.checkpoint import tune_backend
     from cfaudit.diffusion.schedule import LinearSchedule
     from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
+    from cfaudit.precision import resolve_precision
 
     cfg = validate_config({"diffusion": {**arch_cfg, "precision": precision, "channels_last": precision == "bf16",
                                          "ema_decay": 0.0, "batch_size": batch}})["diffusion"]
@@ -140,7 +108,7 @@ def data_path_share(image_size: int, batch: int, n_pack: int, device: torch.devi
         x = apply_flips(uint8_to_float(data[idx]).contiguous(memory_format=torch.channels_last), d)
         schedule.q_sample(x, d.t, d.noise)
 
-    sec = timed(lambda: [one() for _ in range(10)], device) / 10
+    sec = timed(lambda: [one() for _ in range(10)], device).seconds / 10
     return sec / step_seconds
 
 
@@ -148,11 +116,11 @@ def bench_cf(arch_cfg: dict, image_size: int, n_anchors: int, sampler: str, step
              device: torch.device) -> dict:
     """SDEdit counterfactual anchors/s (both targets, CFG w=10): the rule's sdedit() on random weights."""
     from cfaudit.config import validate_config
-    from cfaudit.diffusion.checkpoint import resolve_precision
     from cfaudit.diffusion.samplers import make_sampler
     from cfaudit.diffusion.schedule import LinearSchedule
     from cfaudit.diffusion.sdedit import sdedit
     from cfaudit.models import model_from_spec, model_spec, n_parameters
+    from cfaudit.precision import resolve_precision
 
     cfg = validate_config({"diffusion": dict(arch_cfg)})["diffusion"]
     schedule = LinearSchedule.from_config(cfg)
@@ -165,17 +133,17 @@ def bench_cf(arch_cfg: dict, image_size: int, n_anchors: int, sampler: str, step
     x0 = torch.rand(n_anchors, 3, image_size, image_size, device=device) * 2 - 1
     n_steps = len(make_sampler(sampler, schedule, steps).timesteps(schedule.t_start(strength)))
     sec = timed(lambda: sdedit(model, schedule, x0, list(range(n_anchors)), strength=strength, guidance=10.0,
-                               sampler=sampler, steps=steps, amp_dtype=amp, channels_last=cl), device)
+                               sampler=sampler, steps=steps, amp_dtype=amp, channels_last=cl), device).seconds
     return {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": image_size, "batch": n_anchors,
             "precision": precision, "value": round(n_anchors / sec, 3), "unit": "anchors/s",
             "note": f"{sampler} {n_steps} steps from s={strength}, 2 targets x 2 CFG branches; {sec / n_anchors:.3f} s/anchor"}
 
 
 def bench_score(paths: list[str], batch: int, device: torch.device, workers: int) -> dict:
-    """Images/s of DeepDerm scoring at 299 (cfaudit.scoring.benchmark: decode + resize + forward) on ``paths``."""
+    """Images/s of DeepDerm scoring at 299 (cfaudit.benchmark.scoring.benchmark: decode + resize + forward) on ``paths``."""
     from cfaudit.classifiers import build_deepderm
     from cfaudit.models import n_parameters
-    from cfaudit.scoring import benchmark as score_benchmark
+    from cfaudit.benchmark.scoring import benchmark as score_benchmark
 
     bf16 = device.type == "cuda"
     r = score_benchmark(len(paths), 256, "deepderm", batch, str(device), workers, "torch" if bf16 else "pil",
@@ -186,96 +154,30 @@ def bench_score(paths: list[str], batch: int, device: torch.device, workers: int
 
 
 def bench_fid_features(paths: list[str], batch: int, device: torch.device, workers: int) -> dict:
-    """pytorch-fid's InceptionV3 (pool3, seeded random weights in its real layout) on decoded images: the same
+    """pytorch-fid's InceptionV3 (pool3, random weights in its real layout) on decoded images: the same
     decode-ahead batching as scoring (cfaudit.scoring.decode_ahead), the resize to 299 inside pytorch-fid's model."""
-    from cfaudit.fid import fid_inception, random_fid_inception_state_dict, weights_target
+    from cfaudit.fid import fid_inception, fid_inception_net, weights_target
     from cfaudit.models import n_parameters
+    from cfaudit.precision import autocast, resolve_precision
     from cfaudit.scoring import decode_ahead, load_raw
 
     with tempfile.TemporaryDirectory() as home:
         target = weights_target(home)
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(random_fid_inception_state_dict(0), target)
+        torch.save(fid_inception_net().state_dict(), target)  # the real layout; speed does not depend on weights
         model = fid_inception(home, 2048, device)
-    bf16 = device.type == "cuda"
+    precision, amp = resolve_precision("auto", device)
 
     def run():
         for _, arrays in decode_ahead(paths, batch, load_raw, workers):
             x = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad(), autocast(device, amp):
                 model(x)
 
-    sec = timed(run, device)
+    sec = timed(run, device).seconds
     return {"params_m": round(n_parameters(model) / 1e6, 2), "image_size": 299, "batch": batch,
-            "precision": "bf16" if bf16 else "fp32", "value": round(len(paths) / sec, 2), "unit": "img/s",
+            "precision": precision, "value": round(len(paths) / sec, 2), "unit": "img/s",
             "note": f"pytorch-fid InceptionV3 pool3, {workers} decode threads"}
-
-
-# ------------------------------------------------------------------------------------------- demo + per-rule table
-
-def tree_rss_mb(root_pid: int) -> float:
-    """Resident memory (MB) of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        rss[int(entry.name)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo += children.get(pid, [])
-    return total / 1024
-
-
-def run_demo(cores: int, snakemake: str) -> tuple[dict, pd.DataFrame]:
-    """The embedded default (this repo's config.yaml) in a fresh working directory: wall seconds, peak RSS, rules."""
-    with tempfile.TemporaryDirectory(prefix="cfaudit-demo-") as work:
-        cmd = [snakemake, "--snakefile", str(REPO / "Snakefile"), "--configfile", str(REPO / "config.yaml"),
-               "--directory", work, "--cores", str(cores), "--workflow-profile", "none", "--quiet", "rules"]
-        peak = [0.0]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-                done.wait(0.5)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        log, _ = proc.communicate()
-        wall = time.perf_counter() - t0
-        done.set()
-        th.join()
-        if proc.returncode != 0:
-            raise RuntimeError(f"the demo run failed (exit {proc.returncode}):\n{log[-4000:]}")
-        rules = rule_table(Path(work) / "benchmarks")
-    return {"value": round(wall, 1), "unit": "s", "peak_rss_mb": round(peak[0]), "cores": cores}, rules
-
-
-def rule_table(bench_dir: str | os.PathLike) -> pd.DataFrame:
-    """One row per rule from Snakemake's `benchmark:` TSVs (shards summed): wall s, CPU s, max RSS MB, jobs."""
-    rows = []
-    for f in sorted(Path(bench_dir).rglob("*.tsv")):
-        t = pd.read_csv(f, sep="\t")
-        rule = re.sub(r"_\d+$", "", f.stem)  # shard jobs: <rule>_<shard>.tsv
-        rows.append({"rule": rule, "s": float(t["s"].iloc[-1]), "cpu_s": float(t["cpu_time"].iloc[-1]),
-                     "max_rss_mb": float(pd.to_numeric(t["max_rss"], errors="coerce").fillna(0).iloc[-1])})
-    if not rows:
-        raise FileNotFoundError(f"no benchmark .tsv files under {bench_dir}: run the pipeline first")
-    df = pd.DataFrame(rows)
-    out = df.groupby("rule", sort=False).agg(jobs=("s", "size"), wall_s=("s", "sum"), cpu_s=("cpu_s", "sum"),
-                                             max_rss_mb=("max_rss_mb", "max")).reset_index()
-    return out.sort_values("wall_s", ascending=False).round(1)
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -342,7 +244,7 @@ def run(a) -> tuple[dict, list[dict], pd.DataFrame | None]:
         for r in fast:
             add("train_seed_" + ("compiled" if "compile" in r["precision"] else "fast"), r)
         add("train_seed_best", {**best, "note": f"{best['value'] / base['value']:.2f} x the plain fp32 eager loop at batch {base['batch']}"})
-        # presets/strong.yaml's UNet2DModel (65 M parameters; facts §8's 64 M library model)
+        # presets/strong.yaml's UNet2DModel (65 M parameters): the performance target's 64 M diffusers UNet2DModel
         unet = {"model": "unet2d", "unet_channels": [8, 8, 16] if q else [64, 128, 256, 384, 384],
                 "unet_attention": [False, False, True] if q else [False, False, False, True, True],
                 "unet_norm_groups": 4 if q else 32, "unet_layers_per_block": 1 if q else 2}
@@ -401,7 +303,7 @@ def main(argv=None) -> dict:
     if not a.no_append:
         path = Path(a.results)
         if not path.exists():
-            path.write_text("# Benchmark results\n\nAppended by `python -m cfaudit.benchmark` (see README, Performance).\n\n")
+            path.write_text("# Benchmark results\n\nAppended by `python -m cfaudit.benchmark` (see docs/development.md, Benchmarks).\n\n")
         with path.open("a") as fh:
             fh.write(markdown(env, rows, rules))
         print(f"appended to {path}")
@@ -409,7 +311,3 @@ def main(argv=None) -> dict:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))
     return out
-
-
-if __name__ == "__main__":
-    sys.exit(main() and 0)

@@ -1,8 +1,8 @@
 """Throughput benchmark of the diffusion stage: training images/s and SDEdit counterfactual anchors/s.
 
-    python -m cfaudit.diffusion.bench                                  # the embedded config (config.yaml)
-    python -m cfaudit.diffusion.bench --configfile presets/seed.yaml   # overlay a preset, as snakemake does
-    python -m cfaudit.diffusion.bench --model unet2d --image-size 256 --batch-size 64 --device cuda
+    python -m cfaudit.benchmark.diffusion                                  # the embedded config (config.yaml)
+    python -m cfaudit.benchmark.diffusion --configfile presets/seed.yaml   # overlay a preset, as snakemake does
+    python -m cfaudit.benchmark.diffusion --model unet2d --image-size 256 --batch-size 64 --device cuda
 
 Random weights and random images (speed does not depend on them); the same code paths as the rules
 (training step with autocast/channels_last/flips/label dropout/EMA, and ``sdedit`` with guidance and the
@@ -15,75 +15,74 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from cfaudit.benchmark.timing import timed
 from cfaudit.config import load_config
-from cfaudit.diffusion.checkpoint import resolve_precision, tune_backend
-from cfaudit.diffusion.samplers import autocast, make_sampler
+from cfaudit.data.pack import uint8_to_float
+from cfaudit.diffusion.checkpoint import tune_backend
+from cfaudit.diffusion.samplers import make_sampler
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.diffusion.sdedit import sdedit
 from cfaudit.diffusion.training import EMA, apply_flips, draw_step
 from cfaudit.models import NULL_LABEL, model_from_spec, model_spec, n_parameters
+from cfaudit.precision import autocast, resolve_precision
 
 REPO_CONFIG = Path(__file__).resolve().parents[3] / "config.yaml"
 
 
-def sync_device(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_training(model, schedule, cfg, image_size, batch_size, steps, warmup, device, amp_dtype, channels_last) -> float:
+    """Training images/s: ``steps`` timed steps of the rule's step (after ``warmup`` untimed ones)."""
     gen = torch.Generator(device=device).manual_seed(0)
     data = torch.randint(0, 256, (max(batch_size, 8), image_size, image_size, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (data.shape[0],), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     ema = EMA(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
     model.train()
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync_device(device)
-            t0 = time.perf_counter()
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=device)
-        x0 = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        x0 = x0.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        d = draw_step(gen, batch_size, tuple(x0.shape[1:]), cfg, schedule, device)
-        x0 = apply_flips(x0, d)
-        y = torch.where(d.drop, torch.full_like(labels[idx], NULL_LABEL), labels[idx])
-        with autocast(device, amp_dtype):
-            pred = model(schedule.q_sample(x0, d.t, d.noise), d.t, y)
-        loss = F.mse_loss(pred.float(), d.noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-    sync_device(device)
-    return steps * batch_size / (time.perf_counter() - t0)
+
+    def run(n_steps: int) -> None:
+        for _ in range(n_steps):
+            idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=device)
+            x0 = uint8_to_float(data[idx])
+            x0 = x0.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            d = draw_step(gen, batch_size, tuple(x0.shape[1:]), cfg, schedule, device)
+            x0 = apply_flips(x0, d)
+            y = torch.where(d.drop, torch.full_like(labels[idx], NULL_LABEL), labels[idx])
+            with autocast(device, amp_dtype):
+                pred = model(schedule.q_sample(x0, d.t, d.noise), d.t, y)
+            loss = F.mse_loss(pred.float(), d.noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+
+    return timed(lambda: run(steps), device, warmup=lambda: run(warmup)).rate(steps * batch_size)
 
 
 def bench_counterfactuals(model, schedule, cf, image_size, batch_size, batches, device, amp_dtype, channels_last) -> float:
+    """SDEdit anchors/s (both targets) over ``batches`` timed batches, after a one-anchor, two-step warm-up."""
     model.eval()
     x0 = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
     seeds = list(range(batch_size))
     kw = dict(strength=cf["strength"], guidance=cf["guidance"], sampler=cf["sampler"], steps=cf["steps"],
               amp_dtype=amp_dtype, channels_last=channels_last)
-    sdedit(model, schedule, x0[:1], seeds[:1], **{**kw, "strength": min(cf["strength"], 2 / schedule.T)})  # warm-up
-    sync_device(device)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        sdedit(model, schedule, x0, seeds, **kw)
-    sync_device(device)
-    return batches * batch_size / (time.perf_counter() - t0)
+
+    def warmup():
+        sdedit(model, schedule, x0[:1], seeds[:1], **{**kw, "strength": min(cf["strength"], 2 / schedule.T)})
+
+    def run():
+        for _ in range(batches):
+            sdedit(model, schedule, x0, seeds, **kw)
+
+    return timed(run, device, warmup=warmup).rate(batches * batch_size)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m cfaudit.diffusion.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cfaudit.benchmark.diffusion", description=__doc__.split("\n\n")[0])
     ap.add_argument("--configfile", action="append", default=[], help="config overlay(s) on top of config.yaml")
     ap.add_argument("--base-config", default=str(REPO_CONFIG), help="base config (default: the repo's config.yaml)")
     ap.add_argument("--model", choices=["contextunet", "unet2d"])
