@@ -159,6 +159,52 @@ def test_classifier_gradient_consensus_l1_and_scores():
     assert (after > before).all()
 
 
+def test_eot_gradient_is_the_mean_of_the_views_gradients_mapped_back():
+    """EOT (guided.eot): the CE gradient averaged over the dihedral views equals, computed independently, the mean
+    of each view's input gradient rotated/flipped back; one view is exactly the plain gradient; the noise of a pair
+    comes from its own seed (a pair alone = the same pair in a batch)."""
+    from cfaudit.guided import dihedral
+
+    clf = tiny_classifier()
+    x0, a, tg = anchors(2, seed=9), anchors(2, seed=10), torch.tensor([1, 0])
+    g1, s1 = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none")
+    g1e, s1e = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none", eot={"views": 1, "noise_std": 0.3},
+                                   noise_seeds=[1, 2])
+    assert torch.equal(g1, g1e) and torch.equal(s1, s1e)
+    g8, s8 = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none", eot={"views": 8, "noise_std": 0.0},
+                                 noise_seeds=[1, 2])
+    assert torch.equal(s8, s1)  # the score is the clean view's
+    expected = torch.zeros_like(x0)
+    for k in range(8):
+        v = dihedral(x0.clone(), k).requires_grad_(True)
+        (gv,) = torch.autograd.grad((-target_log_prob(clf(v), tg, 1)).sum(), v)
+        back = gv.flip(3) if k >= 4 else gv  # undo the flip, then the quarter turns
+        expected += torch.rot90(back, -(k % 4), dims=(2, 3)) / 8
+    assert torch.allclose(g8, expected, rtol=1e-4, atol=1e-10) and g8.abs().max() > 1e-6
+    assert len({tuple(dihedral(x0, k).flatten().tolist()) for k in range(8)}) == 8  # 8 distinct symmetries
+    kw = dict(l1_weight=0.0, normalize="none", eot={"views": 4, "noise_std": 0.2}, step=3)
+    gb, _ = classifier_gradient(clf, x0, a, tg, noise_seeds=[11, 12], **kw)
+    ga, _ = classifier_gradient(clf, x0[1:], a[1:], tg[1:], noise_seeds=[12], **kw)
+    assert torch.allclose(gb[1:], ga, rtol=1e-4, atol=1e-10)
+    cos = torch.nn.functional.cosine_similarity(gb.flatten(1), g1.flatten(1))
+    assert (cos < 0.99).all()  # the views change the direction
+
+
+def test_guide_until_leaves_an_unguided_tail():
+    """guide_until f: no pair is guided after the first ceil(f * steps) steps; 1.0 is the default behaviour."""
+    model, _ = tiny_unet()
+    sched, clf, a, tg = LinearSchedule(T), tiny_classifier(), anchors(3), torch.tensor([1, 0, 1])
+    full, info_full, n = guided_sample(model, sched, clf, a, tg, [1, 2, 3], base_cfg(), 0.3)
+    same, _, _ = guided_sample(model, sched, clf, a, tg, [1, 2, 3], base_cfg(guide_until=1.0), 0.3)
+    assert torch.equal(full, same) and (info_full["guided_steps"] == n).all()
+    trace_half, trace_none = [], []
+    half, info, _ = guided_sample(model, sched, clf, a, tg, [1, 2, 3], base_cfg(guide_until=0.5), 0.3, trace=trace_half)
+    assert (info["guided_steps"] == -(-n // 2)).all() and not torch.equal(half, full)
+    # guidance acted in the guided head: after its last guided step the state differs from the unguided run's
+    none, _, _ = guided_sample(model, sched, clf, a, tg, [1, 2, 3], base_cfg(), 0.0, trace=trace_none)
+    assert not torch.equal(trace_half[-(-n // 2) - 1]["x"], trace_none[-(-n // 2) - 1]["x"])
+
+
 def test_target_side_and_log_prob_with_positive_index_zero():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     lp1 = target_log_prob(logits, torch.tensor([1, 1]), positive_index=0)

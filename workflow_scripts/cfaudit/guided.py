@@ -51,6 +51,7 @@ from cfaudit.diffusion.sdedit import AnchorNoise
 from cfaudit.files import write_csv
 from cfaudit.models import NULL_LABEL
 from cfaudit.precision import autocast
+from cfaudit.runtime import derive_seed
 
 GENERATOR = "guided"
 OUTCOME_COLUMNS = ["flipped", "scale", "attempts", "guided_steps", "steps", "early_stopped", "final_score", "mask_fraction"]
@@ -120,20 +121,52 @@ def shift_coefficient(schedule: LinearSchedule, t: int, t_prev: int, mode: str) 
     return 1.0 - ab_t / ab_prev
 
 
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k % 4 quarter turns, then a horizontal flip for k >= 4)."""
+    y = torch.rot90(x, k % 4, dims=(2, 3))
+    return y.flip(3) if k >= 4 else y
+
+
+def eot_noise(seeds, step: int, view: int, shape, device) -> torch.Tensor:
+    """Standard-normal noise of one EOT view for each pair, from the pair's own seed (not the batch's)."""
+    gens = [torch.Generator().manual_seed(derive_seed(s, "eot", step, view)) for s in seeds]
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+
+
+def eot_logits(clf, x: torch.Tensor, eot: dict | None, noise_seeds, step: int, amp_dtype=None):
+    """Logits of the clean view (view 0) and of the EOT views 1..views-1 (dihedral symmetry k of x plus Gaussian
+    noise of std ``noise_std`` in [-1, 1] units, seeded per pair), as a list in view order.
+
+    Expectation over transformations (Athalye et al., ICML 2018; DVCE's ``aug_num`` views, Augustin et al.
+    2022): a direction that raises the target under every view is a property of the image, not of one pixel
+    grid. Flips, quarter turns and noise are none of the judges' perturbations (JPEG, blur, shift)."""
+    views = int((eot or {}).get("views", 1))
+    std = float((eot or {}).get("noise_std", 0.0))
+    out = []
+    for k in range(views):
+        v = x if k == 0 else dihedral(x, k % 8)
+        if k and std > 0:
+            v = v + std * eot_noise(noise_seeds, step, k, x.shape[1:], x.device)
+        with autocast(x.device, amp_dtype):
+            out.append(clf(v).float())
+    return out
+
+
 def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: torch.Tensor, *, l1_weight: float,
-                        normalize: str = "none", class_direction: torch.Tensor | None = None, amp_dtype=None):
+                        normalize: str = "none", class_direction: torch.Tensor | None = None, amp_dtype=None,
+                        eot: dict | None = None, noise_seeds=None, step: int = 0):
     """Gradient of ``CE(clf(x0), target) + l1_weight * mean|x0 - anchor|`` w.r.t. the estimate x0, and the scores.
 
     ``normalize``: "rms" (unit root-mean-square per image), "max" (unit largest |g| per image) or "none".
     Returns (g, score): g (N,3,H,W) float32, score (N,) in the classifier's score space (of x0, before the step).
     ``class_direction`` (eps(y) - eps(null)): keep only the classifier-gradient components agreeing with it in sign.
+    ``eot`` ({views, noise_std}): the CE is averaged over views (:func:`eot_logits`); the score is view 0's.
     """
     x = x0.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        with autocast(x.device, amp_dtype):
-            logits = clf(x)
-        logits = logits.float()
-        ce = -target_log_prob(logits, targets, clf.positive_index)
+        view_logits = eot_logits(clf, x, eot, noise_seeds, step, amp_dtype)
+        logits = view_logits[0]
+        ce = torch.stack([-target_log_prob(v, targets, clf.positive_index) for v in view_logits]).mean(0)
         (g_cls,) = torch.autograd.grad(ce.sum(), x)
     if class_direction is not None:
         g_cls = g_cls * (torch.sign(g_cls) == torch.sign(class_direction)).float()
@@ -188,6 +221,8 @@ class GuidedRun:
         self.smp.reset()
         self.noise_fn = noise.draw if self.smp.stochastic else None
         self.mask_from = int(math.floor(float(cfg["mask"]["start"]) * len(self.ts)))
+        self.guide_until = int(math.ceil(float(cfg.get("guide_until", 1.0)) * len(self.ts)))  # steps that may be guided
+        self.seeds = list(seeds)
         ecfg = cfg["early_stop"]
         self.resume = bool(ecfg["enabled"]) and bool(ecfg.get("resume", False)) and ecfg["finish"] == "denoise"
         self.guiding = torch.full((p,), scale > 0, dtype=torch.bool, device=device)
@@ -212,20 +247,22 @@ class GuidedRun:
         ab = float(self.schedule.alpha_bar[t])
         return eps, direction, ((x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)).clamp(-1.0, 1.0)
 
-    def classifier_term(self, x0: torch.Tensor, direction, m):
+    def classifier_term(self, i: int, x0: torch.Tensor, direction, m):
         """2. + 5. The classifier gradient g on the estimate (zero for the pairs not guided this step) and the indices
-        of the pairs whose classifier term was evaluated; the early stop is decided on the same scores."""
+        of the pairs whose classifier term was evaluated; the early stop is decided on the same scores. From step
+        ``guide_until`` on, no pair is guided: the prior alone finishes the image (an unguided tail)."""
         g = torch.zeros_like(self.a)
         # pairs whose classifier term is evaluated this step: paused ones too when guidance may resume
         watch = ~self.frozen & ((self.guiding | self.paused) if self.resume else self.guiding & ~self.paused)
         idx = torch.nonzero(watch).flatten()
-        if not len(idx):
-            return g, idx
+        if not len(idx) or i >= self.guide_until:
+            return g, idx[:0]
         gi, score = classifier_gradient(self.clf, x0[idx], self.a[idx], self.targets[idx],
                                         l1_weight=float(self.cfg["l1_weight"]),
                                         normalize=str(self.cfg["normalize_gradient"]),
                                         class_direction=direction[idx] if direction is not None else None,
-                                        amp_dtype=self.amp_dtype)
+                                        amp_dtype=self.amp_dtype, eot=self.cfg.get("eot"),
+                                        noise_seeds=[self.seeds[j] for j in idx.tolist()], step=i)
         if self.cfg["early_stop"]["enabled"]:
             on = self.early_stop(idx, score, x0, m)
             gi[~on] = 0.0
@@ -262,7 +299,7 @@ class GuidedRun:
         eps, direction, x0 = self.estimate(x, t)
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
         m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
-        g, idx = self.classifier_term(x0, direction, m)
+        g, idx = self.classifier_term(i, x0, direction, m)
         with torch.no_grad():
             x_next = self.smp.step(x, eps, i, ts, self.noise_fn)
             if len(idx):
