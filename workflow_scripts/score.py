@@ -2,7 +2,8 @@
 
 from cfaudit.config import run_settings
 from cfaudit.runtime import job_device, script_logging
-from cfaudit.scoring import ORIGINAL, run_scoring
+from cfaudit.names import ORIGINAL
+from cfaudit.scoring import run_scoring
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with script_logging(smk.log[0]) as log:

@@ -21,7 +21,8 @@ import pandas as pd
 from cfaudit import judges as J
 from cfaudit.files import write_csv
 from cfaudit.metrics_stage import _write_text, comparable_pair, read_scores, read_spec, real_reference_index
-from cfaudit.scoring import ORIGINAL, load_raw
+from cfaudit.names import ORIGINAL
+from cfaudit.scoring import load_raw
 
 log = logging.getLogger("cfaudit.judges")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from cfaudit.scoring import ORIGINAL
+from cfaudit.names import ORIGINAL
 
 BG = (255, 255, 255)
 FG = (20, 20, 20)
