@@ -17,7 +17,7 @@ from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, gather
 from cfaudit.data.pack import uint8_to_float
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.guided import (OUTCOME_COLUMNS, change_mask, classifier_gradient, guided_ladder, guided_sample, on_target_side,
-                            run_shard, target_log_prob)
+                            project, relative_change_mask, run_shard, target_log_prob)
 from cfaudit.models import model_from_spec
 
 SIZE = 16
@@ -54,7 +54,7 @@ def base_cfg(**over):
     }
     for k, v in over.items():
         if isinstance(v, dict):
-            cfg[k] = {**cfg[k], **v}
+            cfg[k] = {**cfg.get(k, {}), **v}
         else:
             cfg[k] = v
     return cfg
@@ -203,6 +203,63 @@ def test_guide_until_leaves_an_unguided_tail():
     # guidance acted in the guided head: after its last guided step the state differs from the unguided run's
     none, _, _ = guided_sample(model, sched, clf, a, tg, [1, 2, 3], base_cfg(), 0.0, trace=trace_none)
     assert not torch.equal(trace_half[-(-n // 2) - 1]["x"], trace_none[-(-n // 2) - 1]["x"])
+
+
+PROJECT = {"enabled": True, "strength": 0.4, "steps": 3, "threshold": 0.15, "dilation": 1}
+
+
+def bumped(a: torch.Tensor) -> torch.Tensor:
+    """The anchors with a bright square (rows/cols 4..7) and a faint one (rows/cols 11..12): a guided change and
+    sub-threshold noise."""
+    x = a.clone()
+    x[:, :, 4:8, 4:8] = (x[:, :, 4:8, 4:8] + 0.8).clamp(-1, 1)
+    x[:, :, 11:13, 11:13] += 0.01
+    return x
+
+
+def test_relative_change_mask_is_aces_mask():
+    """Channel-summed |x - a| over its per-image max > threshold, dilated; an unchanged image has an empty mask."""
+    a = anchors(2)
+    x = bumped(a)
+    x[1] = a[1]
+    m = relative_change_mask(x, a, 0.15, 0)
+    d = (x[0] - a[0]).abs().sum(0)
+    assert torch.equal(m[0, 0].bool(), d > 0.15 * d.max()) and m[1].sum() == 0
+    assert m[0, 0, 11:13, 11:13].sum() == 0  # the faint change is below 15 % of the peak
+    grown = relative_change_mask(x, a, 0.15, 1)[0, 0]
+    assert grown.sum() > m[0, 0].sum() and torch.equal(grown * m[0, 0], m[0, 0])
+
+
+def test_projection_redraws_only_the_changed_region_per_pair():
+    """guided.project: outside the changed region the result IS the anchor (the faint change is removed too);
+    inside, the prior redraws the change; each pair depends only on its own anchor, target and seed."""
+    model, _ = tiny_unet()
+    sched, a, tg = LinearSchedule(T), anchors(3), torch.tensor([1, 0, 1])
+    x = bumped(a)
+    cfg = base_cfg(project=PROJECT)
+    out = project(model, sched, x, a, tg, [1, 2, 3], cfg)
+    m = relative_change_mask(x, a, PROJECT["threshold"], PROJECT["dilation"])
+    assert torch.equal(out * (1 - m), a * (1 - m))
+    assert (out - x).abs()[m.expand_as(x).bool()].mean() > 0.02  # redrawn, not copied
+    alone = project(model, sched, x[1:2], a[1:2], tg[1:2], [2], cfg)
+    assert torch.allclose(alone, out[1:2], atol=1e-6)
+    assert torch.equal(out, project(model, sched, x, a, tg, [1, 2, 3], cfg))  # deterministic
+    other_seed = project(model, sched, x[1:2], a[1:2], tg[1:2], [9], cfg)
+    assert not torch.allclose(other_seed, alone)
+
+
+def test_the_ladder_scores_the_projected_image():
+    """With project on, the saved image is the projected one and its recorded score is the classifier's score of
+    that 8-bit image (so a flip the prior undoes is retried, not counted)."""
+    from cfaudit.guided import final_scores
+
+    model, _ = tiny_unet()
+    sched, clf, a, tg = LinearSchedule(T), tiny_classifier(), anchors(3), torch.tensor([1, 0, 1])
+    cfg = base_cfg(scales=[0.3, 0.9], max_retries=1)
+    plain, _ = guided_ladder(model, sched, clf, a, tg, [1, 2, 3], cfg)
+    proj, outcome = guided_ladder(model, sched, clf, a, tg, [1, 2, 3], {**cfg, "project": PROJECT})
+    assert not np.array_equal(plain, proj)
+    assert np.allclose(final_scores(clf, proj, "cpu").numpy(), outcome["final_score"].to_numpy(), atol=1e-6)
 
 
 def test_target_side_and_log_prob_with_positive_index_zero():

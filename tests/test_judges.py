@@ -103,6 +103,38 @@ def test_per_anchor_flips_counts_only_correct_anchors_and_signs_the_change():
     assert cons.loc["a2", "flipped"] == pytest.approx(0.5)
 
 
+def test_ceiling_flip_indicators_agree_with_the_judges():
+    """cfaudit.ceiling counts a flip as the judges do (same anchors and counterfactual scores as above)."""
+    from cfaudit.ceiling import flip_indicators
+
+    anchors = {"a0": (0, 0.1), "a1": (0, 0.7), "a2": (1, 0.9), "a3": (1, 0.2)}
+    cfs = {("a0", 1): 0.8, ("a0", 0): 0.1, ("a1", 1): 0.9, ("a1", 0): 0.2, ("a2", 0): 0.6, ("a2", 1): 0.9,
+           ("a3", 0): 0.1, ("a3", 1): 0.9}
+    judges = J.per_anchor_flips(_scores(anchors, cfs), "g", 0.5).set_index("anchor_id")["flipped"]
+    ids = list(anchors)
+    targets = np.array([1 - anchors[a][0] for a in ids])
+    mine = flip_indicators(np.array([anchors[a][1] for a in ids]), np.array([cfs[(a, t)] for a, t in zip(ids, targets)]),
+                           targets, 0.5)
+    np.testing.assert_array_equal(mine, judges.loc[ids].to_numpy())
+
+
+@pytest.mark.slow
+def test_ceiling_on_a_tiny_run(all_stages_run, capsys):
+    """python -m cfaudit.ceiling on the session's run: the planted change and PGD at its budget, both
+    directions, the audited classifier, each oracle and their mean; PGD stays within the planted L2."""
+    from cfaudit.ceiling import ceiling_table, main
+
+    table = ceiling_table(all_stages_run / "results", fractions=(1.0, 0.25), steps=5)
+    assert set(table["candidate"]) == {"planted_shift", "pgd x1", "pgd x0.25"}
+    assert set(table["judge"]) == {"audited", "r34", "eff", "oracles"} and set(table["direction"]) == {"b2m", "m2b"}
+    rates = table["flip_rate"].dropna()
+    assert len(rates) and rates.between(0, 1).all()
+    assert main(["--directory", str(all_stages_run), "--fractions", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "planted_shift" in out and "pgd x1" in out and "oracles" in out
+    assert main(["--directory", str(all_stages_run / "nowhere")]) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pixel diagnostics
 # ----------------------------------------------------------------------------------------------------------

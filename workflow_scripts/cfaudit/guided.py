@@ -24,7 +24,12 @@ every retry share it):
    (``finish: x0``) returns that estimate. With ``resume`` (finish denoise) the stopped image's estimate is still
    scored every step and guidance resumes while it is back on the source side of the threshold (hysteresis: early,
    blurry estimates may cross the threshold long before the sharp image does).
-6. Ladder: a pair whose final 8-bit image is not on the target side of the threshold is regenerated from the
+6. Projection (optional, ``project``; ACE's filter, Jeanneret et al., CVPR 2023): the guided image is noised again
+   to ``round(project.strength * T)`` with fresh per-pair noise and denoised toward the target by the prior alone
+   (CFG, no classifier), only inside the region it changed (channel-summed |x - a| over its per-image maximum >
+   ``project.threshold``, dilated); outside, the pixels follow the anchor's noising path and end as the anchor.
+   The prior thereby removes the high-frequency, off-manifold part of the change and keeps what it can render.
+7. Ladder: a pair whose final (projected) 8-bit image is not on the target side of the threshold is regenerated from the
    start, same noise, with the next ``scales`` entry and an early-stop margin wider by ``retry_margin``, up to
    ``max_retries`` times (the last attempt is kept).
 
@@ -45,7 +50,7 @@ import torch.nn.functional as F
 
 from cfaudit.counterfactuals import INDEX_COLUMNS, TARGETS, shard_inputs, write_shard
 from cfaudit.data.pack import float_to_uint8, uint8_to_float
-from cfaudit.diffusion.samplers import guided_eps, make_sampler
+from cfaudit.diffusion.samplers import denoise, guided_eps, make_sampler
 from cfaudit.diffusion.schedule import LinearSchedule
 from cfaudit.diffusion.sdedit import AnchorNoise
 from cfaudit.files import write_csv
@@ -99,12 +104,21 @@ def on_target_side(score: torch.Tensor, targets: torch.Tensor, threshold: float,
     return torch.where(targets.bool(), score > threshold + margin, score <= threshold - margin)
 
 
+def dilate(m: torch.Tensor, radius: int) -> torch.Tensor:
+    """A (N,1,H,W) 0/1 mask dilated by a (2r+1)² max filter."""
+    return F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius) if radius > 0 else m
+
+
 def change_mask(x0: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
     """(N,1,H,W) float mask: channel-mean |x0 - anchor| > threshold, dilated by a (2r+1)² max filter."""
-    m = ((x0 - anchor).abs().mean(dim=1, keepdim=True) > threshold).float()
-    if dilation > 0:
-        m = F.max_pool2d(m, kernel_size=2 * dilation + 1, stride=1, padding=dilation)
-    return m
+    return dilate(((x0 - anchor).abs().mean(dim=1, keepdim=True) > threshold).float(), dilation)
+
+
+def relative_change_mask(x: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
+    """ACE's mask: channel-summed |x - anchor| over its per-image maximum > threshold, dilated (zero where x == a)."""
+    d = (x - anchor).abs().sum(dim=1, keepdim=True)
+    peak = d.flatten(1).amax(1).view(-1, 1, 1, 1)
+    return dilate(((d > threshold * peak) & (peak > 0)).float(), dilation)
 
 
 def anchor_path(schedule: LinearSchedule, anchor: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
@@ -325,6 +339,24 @@ class GuidedRun:
 
 
 @torch.no_grad()
+def project(model, schedule: LinearSchedule, x: torch.Tensor, anchors: torch.Tensor, targets: torch.Tensor, seeds,
+            cfg: dict, *, amp_dtype=None, channels_last: bool = False) -> torch.Tensor:
+    """6. Re-noise the guided images ``x`` to ``project.strength`` and denoise them toward ``targets`` with the
+    prior alone (CFG weight ``cfg_guidance``, the guided sampler with ``project.steps`` steps), inside the changed
+    region only (:func:`relative_change_mask`); the anchor outside it. Each pair's noise comes from its own seed."""
+    pcfg = cfg["project"]
+    m = relative_change_mask(x, anchors, float(pcfg["threshold"]), int(pcfg["dilation"]))
+    t_r = schedule.t_start(float(pcfg["strength"]))
+    noise = AnchorNoise([derive_seed(s, "project") for s in seeds], x.shape[1:], x.device)
+    n = noise.draw()
+    smp = make_sampler(cfg["sampler"], schedule, int(pcfg["steps"]))
+    x_t = m * schedule.q_sample(x.float(), t_r, n) + (1.0 - m) * schedule.q_sample(anchors, t_r, n)
+    out = denoise(model, smp, x_t, targets, t_r, float(cfg["cfg_guidance"]), noise.draw if smp.stochastic else None,
+                  amp_dtype, channels_last, keep=(m, lambda t: anchor_path(schedule, anchors, t, n)))
+    return (m * out + (1.0 - m) * anchors).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
 def final_scores(clf, images_uint8: np.ndarray, device, amp_dtype=None) -> torch.Tensor:
     """The classifier's score of the saved 8-bit images (what the scoring stage sees)."""
     x = uint8_to_float(torch.from_numpy(images_uint8)).to(device)
@@ -352,6 +384,9 @@ def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
         cfg_k = {**cfg, "early_stop": {**cfg["early_stop"], "margin": ladder_margins(cfg)[k]}}
         imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg_k,
                                             scale, amp_dtype=amp_dtype, channels_last=channels_last)
+        if cfg.get("project", {}).get("enabled", False):
+            imgs = project(model, schedule, imgs, anchors[sel].float(), targets[sel], [seeds[j] for j in todo], cfg,
+                           amp_dtype=amp_dtype, channels_last=channels_last)
         u8 = float_to_uint8(imgs)
         score = final_scores(clf, u8, device, amp_dtype)
         ok = on_target_side(score, targets[sel].to(device), clf.threshold).cpu().numpy()

@@ -158,12 +158,19 @@ def guided_eps(model, x: torch.Tensor, t: int, labels: torch.Tensor, guidance: f
 
 @torch.no_grad()
 def denoise(model, sampler, x_t: torch.Tensor, labels: torch.Tensor, t_start: int, guidance: float,
-            noise_fn: Callable[[], torch.Tensor] | None = None, amp_dtype=None, channels_last: bool = False) -> torch.Tensor:
-    """Run ``sampler`` from x_t at step t_start down to a clean image, conditioned on ``labels``."""
+            noise_fn: Callable[[], torch.Tensor] | None = None, amp_dtype=None, channels_last: bool = False,
+            keep: tuple[torch.Tensor, Callable[[int], torch.Tensor]] | None = None) -> torch.Tensor:
+    """Run ``sampler`` from x_t at step t_start down to a clean image, conditioned on ``labels``.
+
+    ``keep`` = (mask m, known(t)): inpainting (RePaint, Lugmayr et al. 2022): after every step t -> t' the pixels
+    where m is 0 are replaced by ``known(t')``, a known image noised to t' (the clean image at t' = 0)."""
     ts = sampler.timesteps(t_start)
     sampler.reset()
     x = x_t.float()
     for i, t in enumerate(ts):
         eps = guided_eps(model, x, t, labels, guidance, amp_dtype, channels_last)
         x = sampler.step(x, eps, i, ts, noise_fn)
+        if keep is not None:
+            m, known = keep
+            x = m * x + (1.0 - m) * known(ts[i + 1] if i + 1 < len(ts) else 0)
     return x
