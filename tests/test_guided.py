@@ -262,6 +262,25 @@ def test_the_ladder_scores_the_projected_image():
     assert np.allclose(final_scores(clf, proj, "cpu").numpy(), outcome["final_score"].to_numpy(), atol=1e-6)
 
 
+def test_the_ladder_retries_from_the_listed_strengths():
+    """guided.strengths: attempt k starts at strengths[k] (the last entry beyond the list); a retried pair's image
+    is exactly a single guided_sample at that attempt's strength, scale and margin."""
+    from cfaudit.guided import ladder_strengths
+
+    assert ladder_strengths(base_cfg(scales=[0.1, 0.2, 0.3], max_retries=2)) == [0.6, 0.6, 0.6]
+    assert ladder_strengths(base_cfg(scales=[0.1, 0.2, 0.3], max_retries=2, strengths=[0.5, 0.7])) == [0.5, 0.7, 0.7]
+    model, _ = tiny_unet()
+    sched, a, tg = LinearSchedule(T), anchors(3), torch.tensor([1, 0, 1])
+    clf = tiny_classifier(threshold=2.0)  # nothing is ever on the malignant side: malignant targets use every attempt
+    cfg = base_cfg(scales=[0.1, 0.2], max_retries=1, strengths=[0.3, 0.8])
+    images, outcome = guided_ladder(model, sched, clf, a, tg, [1, 2, 3], cfg)
+    assert outcome["attempts"].tolist()[0] == 2
+    last, _, n_steps = guided_sample(model, sched, clf, a[:1], tg[:1], [1], {**cfg, "strength": 0.8}, 0.2)
+    from cfaudit.data.pack import float_to_uint8
+
+    assert np.array_equal(images[0], float_to_uint8(last)[0]) and outcome["steps"].iloc[0] == n_steps
+
+
 def test_target_side_and_log_prob_with_positive_index_zero():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     lp1 = target_log_prob(logits, torch.tensor([1, 1]), positive_index=0)

@@ -30,7 +30,8 @@ every retry share it):
    ``project.threshold``, dilated); outside, the pixels follow the anchor's noising path and end as the anchor.
    The prior thereby removes the high-frequency, off-manifold part of the change and keeps what it can render.
 7. Ladder: a pair whose final (projected) 8-bit image is not on the target side of the threshold is regenerated from the
-   start, same noise, with the next ``scales`` entry and an early-stop margin wider by ``retry_margin``, up to
+   start, same noise, with the next ``scales`` entry (and ``strengths`` entry, when listed: a deeper SDEdit
+   start) and an early-stop margin wider by ``retry_margin``, up to
    ``max_retries`` times (the last attempt is kept).
 
 The classifier's gradient is per image (losses are summed, the network is frozen, batch norm in eval mode), so a
@@ -81,6 +82,12 @@ def check_settings(cfg: dict) -> None:
 def ladder_scales(cfg: dict) -> list[float]:
     """The scales actually tried: the first 1 + max_retries entries of the ladder."""
     return [float(s) for s in cfg["scales"][: 1 + int(cfg["max_retries"])]]
+
+
+def ladder_strengths(cfg: dict) -> list[float]:
+    """SDEdit start of each attempt: ``strengths[k]`` (the last entry beyond the list), or ``strength`` throughout."""
+    listed = [float(s) for s in cfg.get("strengths") or []]
+    return [listed[min(k, len(listed) - 1)] if listed else float(cfg["strength"]) for k in range(len(ladder_scales(cfg)))]
 
 
 def ladder_margins(cfg: dict) -> list[float]:
@@ -381,7 +388,8 @@ def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
     todo = np.arange(p)
     for k, scale in enumerate(ladder_scales(cfg)):
         sel = torch.as_tensor(todo, device=device)
-        cfg_k = {**cfg, "early_stop": {**cfg["early_stop"], "margin": ladder_margins(cfg)[k]}}
+        cfg_k = {**cfg, "strength": ladder_strengths(cfg)[k],
+                 "early_stop": {**cfg["early_stop"], "margin": ladder_margins(cfg)[k]}}
         imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg_k,
                                             scale, amp_dtype=amp_dtype, channels_last=channels_last)
         if cfg.get("project", {}).get("enabled", False):
@@ -416,7 +424,7 @@ def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, 
     return {
         "method": "classifier-guided sdedit (x0-estimate gradient, FastDiME-style)", **cfg, "seed": int(seed),
         "t_start": t0, "T": schedule.T, "denoising_steps": steps, "scales_tried": ladder_scales(cfg),
-        "margins_tried": ladder_margins(cfg),
+        "margins_tried": ladder_margins(cfg), "strengths_tried": ladder_strengths(cfg),
         "weights": "ema" if cfg["use_ema"] else "raw", "arch": meta["spec"]["arch"], "checkpoint_sha256": meta.get("sha256", ""),
         "precision": meta.get("precision", ""), "classifier": clf.name, "classifier_sha256": clf.spec.get("sha256", ""),
         "classifier_input_size": clf.input_size, "score_space": clf.score_space, "threshold": clf.threshold,
