@@ -358,8 +358,8 @@ def judges_notes(specs: dict, boot: dict) -> list[str]:
         "the same features. A few outlying counterfactuals can dominate an FD; when the two disagree, look at them.",
         f"Differences: paired by anchor, {boot['resamples']}-resample percentile bootstrap (FD: fewer, see the CSV). "
         "Verdict: 'semantic' only when the oracle flip rate exceeds the PGD control's with the interval above 0. "
-        "How far above PGD any generator can get depends on the oracles: with the embedded data, `python -m "
-        "cfaudit.ceiling` scores the true trait change and PGD at its budget (docs/judges.md; on the demo, PGD "
+        "How far above PGD any generator can get depends on the oracles: with the embedded data, python -m "
+        "cfaudit.ceiling scores the true trait change and PGD at its budget (docs/judges.md; on the demo, PGD "
         "transfers benign -> malignant as often as the true change, so that direction cannot be won there).",
     ]
 
