@@ -75,6 +75,8 @@ def check_settings(cfg: dict) -> None:
         raise ValueError(f"config key 'guided.scales' must be non-negative, got {cfg['scales']}")
     if cfg["scale_mode"] not in ("fixed", "variance"):
         raise ValueError(f"config key 'guided.scale_mode': {cfg['scale_mode']!r} is not one of fixed, variance")
+    if cfg.get("gradient_through", "x0") not in ("x0", "unet"):
+        raise ValueError(f"config key 'guided.gradient_through': {cfg['gradient_through']!r} is not one of x0, unet")
     if cfg["early_stop"]["finish"] not in ("denoise", "x0"):
         raise ValueError(f"config key 'guided.early_stop.finish': {cfg['early_stop']['finish']!r} is not one of denoise, x0")
 
@@ -175,24 +177,30 @@ def eot_logits(clf, x: torch.Tensor, eot: dict | None, noise_seeds, step: int, a
 
 def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: torch.Tensor, *, l1_weight: float,
                         normalize: str = "none", class_direction: torch.Tensor | None = None, amp_dtype=None,
-                        eot: dict | None = None, noise_seeds=None, step: int = 0):
+                        eot: dict | None = None, noise_seeds=None, step: int = 0, through=None):
     """Gradient of ``CE(clf(x0), target) + l1_weight * mean|x0 - anchor|`` w.r.t. the estimate x0, and the scores.
 
     ``normalize``: "rms" (unit root-mean-square per image), "max" (unit largest |g| per image) or "none".
     Returns (g, score): g (N,3,H,W) float32, score (N,) in the classifier's score space (of x0, before the step).
     ``class_direction`` (eps(y) - eps(null)): keep only the classifier-gradient components agreeing with it in sign.
     ``eot`` ({views, noise_std}): the CE is averaged over views (:func:`eot_logits`); the score is view 0's.
+    ``through`` = (x_t, estimate, gain): the CE is taken on ``estimate(x_t)`` (the UNet's differentiable one-step
+    estimate) and differentiated w.r.t. x_t, times ``gain`` (sqrt(abar_t), so a scale means what it means for x0).
     """
-    x = x0.detach().float().requires_grad_(True)
+    leaf = (x0 if through is None else through[0]).detach().float().requires_grad_(True)
     with torch.enable_grad():
+        x = leaf if through is None else through[1](leaf)
         view_logits = eot_logits(clf, x, eot, noise_seeds, step, amp_dtype)
         logits = view_logits[0]
         ce = torch.stack([-target_log_prob(v, targets, clf.positive_index) for v in view_logits]).mean(0)
-        (g_cls,) = torch.autograd.grad(ce.sum(), x)
+        (g_cls,) = torch.autograd.grad(ce.sum(), leaf)
+    if through is not None:
+        g_cls = g_cls * float(through[2])
+        x = x0
     if class_direction is not None:
         g_cls = g_cls * (torch.sign(g_cls) == torch.sign(class_direction)).float()
     n_pix = x[0].numel()
-    g = g_cls + (l1_weight / n_pix) * torch.sign(x.detach() - anchor)
+    g = g_cls + (l1_weight / n_pix) * torch.sign(x.detach().float() - anchor)
     if normalize == "rms":
         g = g / g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
     elif normalize == "max":
@@ -268,7 +276,18 @@ class GuidedRun:
         ab = float(self.schedule.alpha_bar[t])
         return eps, direction, ((x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)).clamp(-1.0, 1.0)
 
-    def classifier_term(self, i: int, x0: torch.Tensor, direction, m):
+    def unet_estimate(self, t: int, idx: torch.Tensor):
+        """(estimate, gain) for ``gradient_through: unet``: x_t -> the CFG one-step clean estimate of the pairs ``idx``
+        with autograd through the UNet (unclamped, as DVCE's clip_denoised=False), and sqrt(abar_t)."""
+        ab = float(self.schedule.alpha_bar[t])
+        w, targets = float(self.cfg["cfg_guidance"]), self.targets[idx]
+
+        def estimate(xt):
+            eps = guided_eps(self.model, xt, t, targets, w, self.amp_dtype, self.channels_last)
+            return (xt - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+        return estimate, math.sqrt(ab)
+
+    def classifier_term(self, i: int, x0: torch.Tensor, direction, m, x: torch.Tensor | None = None, t: int = 0):
         """2. + 5. The classifier gradient g on the estimate (zero for the pairs not guided this step) and the indices
         of the pairs whose classifier term was evaluated; the early stop is decided on the same scores. From step
         ``guide_until`` on, no pair is guided: the prior alone finishes the image (an unguided tail)."""
@@ -278,12 +297,15 @@ class GuidedRun:
         idx = torch.nonzero(watch).flatten()
         if not len(idx) or i >= self.guide_until:
             return g, idx[:0]
+        through = None
+        if self.cfg.get("gradient_through", "x0") == "unet":
+            through = (x[idx], *self.unet_estimate(t, idx))
         gi, score = classifier_gradient(self.clf, x0[idx], self.a[idx], self.targets[idx],
                                         l1_weight=float(self.cfg["l1_weight"]),
                                         normalize=str(self.cfg["normalize_gradient"]),
                                         class_direction=direction[idx] if direction is not None else None,
                                         amp_dtype=self.amp_dtype, eot=self.cfg.get("eot"),
-                                        noise_seeds=[self.seeds[j] for j in idx.tolist()], step=i)
+                                        noise_seeds=[self.seeds[j] for j in idx.tolist()], step=i, through=through)
         if self.cfg["early_stop"]["enabled"]:
             on = self.early_stop(idx, score, x0, m)
             gi[~on] = 0.0
@@ -320,7 +342,7 @@ class GuidedRun:
         eps, direction, x0 = self.estimate(x, t)
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
         m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
-        g, idx = self.classifier_term(i, x0, direction, m)
+        g, idx = self.classifier_term(i, x0, direction, m, x, t)
         with torch.no_grad():
             x_next = self.smp.step(x, eps, i, ts, self.noise_fn)
             if len(idx):
