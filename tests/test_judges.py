@@ -105,7 +105,7 @@ def test_per_anchor_flips_counts_only_correct_anchors_and_signs_the_change():
 
 def test_ceiling_flip_indicators_agree_with_the_judges():
     """cfaudit.ceiling counts a flip as the judges do (same anchors and counterfactual scores as above)."""
-    from cfaudit.ceiling import flip_indicators
+    from cfaudit.judges import flip_indicators
 
     anchors = {"a0": (0, 0.1), "a1": (0, 0.7), "a2": (1, 0.9), "a3": (1, 0.2)}
     cfs = {("a0", 1): 0.8, ("a0", 0): 0.1, ("a1", 1): 0.9, ("a1", 0): 0.2, ("a2", 0): 0.6, ("a2", 1): 0.9,

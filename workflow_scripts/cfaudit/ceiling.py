@@ -23,22 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfaudit.judges import DIRECTIONS
-
-
-def flip_indicators(before: np.ndarray, after: np.ndarray, targets: np.ndarray, threshold: float) -> np.ndarray:
-    """1/0 where the judge put the anchor on its own side and the counterfactual on the target side / did not;
-    nan where the judge got the anchor wrong (as :func:`cfaudit.judges.per_anchor_flips`)."""
-    eligible = (before > threshold) == (targets == 0)
-    on_target = np.where(targets == 1, after > threshold, after <= threshold)
-    return np.where(eligible, on_target.astype(float), np.nan)
+from cfaudit.judges import DIRECTIONS, flip_indicators
 
 
 def _scores(clf, images_u8: np.ndarray) -> np.ndarray:
-    from cfaudit.data.pack import uint8_to_float
+    from cfaudit.guided import final_scores
 
-    with torch.no_grad():
-        return clf.score(clf(uint8_to_float(torch.from_numpy(images_u8))).float()).numpy()
+    return final_scores(clf, images_u8, "cpu").numpy()
 
 
 def ceiling_table(results: Path, fractions=(1.0, 0.5, 0.25), steps: int = 40, step_factor: float = 2.5) -> pd.DataFrame:
@@ -57,13 +48,13 @@ def ceiling_table(results: Path, fractions=(1.0, 0.5, 0.25), steps: int = 40, st
     planted = planted[planted["target_label"] != planted["anchor_label"]].reset_index(drop=True)
     anchors = read_anchor_pixels(results / "data/pack.npy", results / "data/pack_index.csv", planted["anchor_id"].tolist())
     changed = np.stack([load_raw(results.parent / p) for p in planted["path"]])  # paths relative to the run
-    budgets, masks = zip(*(budget_and_mask(a, c) for a, c in zip(anchors, changed)))
+    budgets, masks = map(np.array, zip(*(budget_and_mask(a, c) for a, c in zip(anchors, changed))))
     targets = planted["target_label"].to_numpy()
     audited = load_classifier(results / "classifier/classifier.json")
     candidates = {"planted_shift": changed}
     for f in fractions:
         x = masked_l2_pgd(audited, uint8_to_float(torch.from_numpy(anchors)), torch.tensor(targets),
-                          torch.as_tensor(np.stack(masks)[:, None]), torch.as_tensor(np.array(budgets) * f), steps, step_factor)
+                          torch.as_tensor(masks[:, None]), torch.as_tensor(budgets * f), steps, step_factor)
         candidates[f"pgd x{f:g}"] = float_to_uint8(x)
     judges = {"audited": audited} | {p.parent.name: load_classifier(p) for p in sorted(results.glob("oracles/*/oracle.json"))}
     before = {name: _scores(clf, anchors) for name, clf in judges.items()}
@@ -82,7 +73,7 @@ def ceiling_table(results: Path, fractions=(1.0, 0.5, 0.25), steps: int = 40, st
                 v = v[sel]
                 rows.append({"candidate": cand, "direction": direction, "judge": name,
                              "flip_rate": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
-                             "n": int(np.isfinite(v).sum()), "mean_l2": float(np.mean(np.array(budgets)[sel]))})
+                             "n": int(np.isfinite(v).sum()), "mean_l2": float(budgets[sel].mean())})
     return pd.DataFrame(rows)
 
 
@@ -98,7 +89,6 @@ def main(argv=None) -> int:
               "data (dataset.source: synthetic, traits.positive_control: true); make it with "
               "`snakemake --directory DIR results/traits/planted_shift/index.csv`", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
     table = ceiling_table(results, tuple(args.fractions))
     wide = table.pivot_table(index=["candidate", "direction"], columns="judge", values="flip_rate", sort=False)
     print(wide.round(2).to_markdown())

@@ -287,7 +287,7 @@ class GuidedRun:
             return (xt - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
         return estimate, math.sqrt(ab)
 
-    def classifier_term(self, i: int, x0: torch.Tensor, direction, m, x: torch.Tensor | None = None, t: int = 0):
+    def classifier_term(self, i: int, x: torch.Tensor, t: int, x0: torch.Tensor, direction, m):
         """2. + 5. The classifier gradient g on the estimate (zero for the pairs not guided this step) and the indices
         of the pairs whose classifier term was evaluated; the early stop is decided on the same scores. From step
         ``guide_until`` on, no pair is guided: the prior alone finishes the image (an unguided tail)."""
@@ -342,7 +342,7 @@ class GuidedRun:
         eps, direction, x0 = self.estimate(x, t)
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
         m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
-        g, idx = self.classifier_term(i, x0, direction, m, x, t)
+        g, idx = self.classifier_term(i, x, t, x0, direction, m)
         with torch.no_grad():
             x_next = self.smp.step(x, eps, i, ts, self.noise_fn)
             if len(idx):
@@ -382,7 +382,7 @@ def project(model, schedule: LinearSchedule, x: torch.Tensor, anchors: torch.Ten
     x_t = m * schedule.q_sample(x.float(), t_r, n) + (1.0 - m) * schedule.q_sample(anchors, t_r, n)
     out = denoise(model, smp, x_t, targets, t_r, float(cfg["cfg_guidance"]), noise.draw if smp.stochastic else None,
                   amp_dtype, channels_last, keep=(m, lambda t: anchor_path(schedule, anchors, t, n)))
-    return (m * out + (1.0 - m) * anchors).clamp(-1.0, 1.0)
+    return out.clamp(-1.0, 1.0)  # the anchor outside the mask: keep's last step pastes anchor_path(0) = the anchor
 
 
 @torch.no_grad()

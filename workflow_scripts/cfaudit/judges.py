@@ -77,6 +77,14 @@ def paired_difference(a, b, resamples: int, seed: int, level: float = 0.95) -> d
 # ----------------------------------------------------------------------------------------------------------
 # Flips, audited and oracle, per anchor
 # ----------------------------------------------------------------------------------------------------------
+def flip_indicators(before: np.ndarray, after: np.ndarray, targets: np.ndarray, threshold: float) -> np.ndarray:
+    """Per pair: 1/0 where the judge puts the anchor on its own side (``score > threshold`` iff malignant) and the
+    counterfactual on the target side / does not; nan where it gets the anchor wrong or has no counterfactual score."""
+    eligible = ((before > threshold) == (targets == 0)) & np.isfinite(after)
+    on_target = np.where(targets == 1, after > threshold, after <= threshold)
+    return np.where(eligible, on_target.astype(float), np.nan)
+
+
 def per_anchor_flips(scores: pd.DataFrame, generator: str, threshold: float) -> pd.DataFrame:
     """One row per (anchor, direction) with a counterfactual of ``generator`` toward the other class.
 
@@ -92,11 +100,11 @@ def per_anchor_flips(scores: pd.DataFrame, generator: str, threshold: float) -> 
         sub = at[at["anchor_label"] == src]
         cf = sub["cf_score_to_malignant" if tgt == 1 else "cf_score_to_benign"].to_numpy(float)
         s0 = sub["anchor_score"].to_numpy(float)
-        eligible = ((s0 > threshold) == (src == 1)) & np.isfinite(cf)
-        on_target = (cf > threshold) if tgt == 1 else ~(cf > threshold)
+        flipped = flip_indicators(s0, cf, np.full(len(sub), tgt), threshold)
+        eligible = np.isfinite(flipped)
         sign = 1.0 if tgt == 1 else -1.0
         rows.append(pd.DataFrame({"anchor_id": sub["anchor_id"].to_numpy(), "direction": name,
-                                  "eligible": eligible, "flipped": np.where(eligible, on_target, np.nan),
+                                  "eligible": eligible, "flipped": flipped,
                                   "delta": np.where(eligible, sign * (cf - s0), np.nan)}))
     return pd.concat(rows, ignore_index=True)
 
