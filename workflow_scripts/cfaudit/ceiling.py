@@ -32,11 +32,22 @@ def _scores(clf, images_u8: np.ndarray) -> np.ndarray:
     return final_scores(clf, images_u8, "cpu").numpy()
 
 
+def oracle_names(results: Path) -> list[str]:
+    """The oracles of the run's judges table (results/oracles/ may keep folders of oracles no longer configured);
+    every oracle folder when there is no judges table yet."""
+    table = results / "metrics/judges.csv"
+    if table.exists():
+        judges = pd.read_csv(table)
+        named = judges.loc[judges["metric"] == "oracle flip rate", "judge"].unique()  # + 'mean of oracles'
+        return sorted(n for n in named if (results / "oracles" / n / "oracle.json").exists())
+    return sorted(p.parent.name for p in results.glob("oracles/*/oracle.json"))
+
+
 def ceiling_table(results: Path, fractions=(1.0, 0.5, 0.25), steps: int = 40, step_factor: float = 2.5) -> pd.DataFrame:
     """Flip rates per (candidate, direction, judge) of the planted change and of PGD at ``fractions`` of its budget.
 
     ``results``: a run's results/ folder with traits/planted_shift/index.csv, data/pack.npy + pack_index.csv,
-    classifier/classifier.json and oracles/*/oracle.json. The 'oracles' judge is the per-anchor mean over the
+    classifier/classifier.json and oracles/<name>/oracle.json (:func:`oracle_names`). The 'oracles' judge is the per-anchor mean over the
     oracles that got the anchor right, as in the judges' table."""
     from cfaudit.classifiers import load_classifier
     from cfaudit.counterfactuals import read_anchor_pixels
@@ -56,17 +67,17 @@ def ceiling_table(results: Path, fractions=(1.0, 0.5, 0.25), steps: int = 40, st
         x = masked_l2_pgd(audited, uint8_to_float(torch.from_numpy(anchors)), torch.tensor(targets),
                           torch.as_tensor(masks[:, None]), torch.as_tensor(budgets * f), steps, step_factor)
         candidates[f"pgd x{f:g}"] = float_to_uint8(x)
-    judges = {"audited": audited} | {p.parent.name: load_classifier(p) for p in sorted(results.glob("oracles/*/oracle.json"))}
+    judges = {"audited": audited} | {n: load_classifier(results / f"oracles/{n}/oracle.json") for n in oracle_names(results)}
     before = {name: _scores(clf, anchors) for name, clf in judges.items()}
     rows = []
     for cand, images in candidates.items():
         flips = {name: flip_indicators(before[name], _scores(clf, images), targets, clf.threshold)
                  for name, clf in judges.items()}
-        oracle_names = [n for n in judges if n != "audited"]
-        if oracle_names:
+        oracles = [n for n in judges if n != "audited"]
+        if oracles:
             with warnings.catch_warnings():  # an anchor no oracle got right: nan, as in the judges
                 warnings.simplefilter("ignore", RuntimeWarning)
-                flips["oracles"] = np.nanmean(np.stack([flips[n] for n in oracle_names]), axis=0)
+                flips["oracles"] = np.nanmean(np.stack([flips[n] for n in oracles]), axis=0)
         for direction, (_, tgt) in DIRECTIONS.items():
             sel = targets == tgt
             for name, v in flips.items():
