@@ -213,12 +213,11 @@ def run_training(pack, index, split, out_weights, out_heldout, out_history, out_
     held-out metrics JSON (+ provenance sidecar), the loss history and the per-image eval probabilities.
     """
     import json
-    import os
 
     import pandas as pd
 
     from cfaudit.data.pack import load_pack
-    from cfaudit.files import atomic_path, save_torch, write_csv
+    from cfaudit.files import atomic_write_text, save_torch, write_csv
     from cfaudit.provenance import now, write_provenance
     from cfaudit.runtime import seed_everything
 
@@ -244,9 +243,7 @@ def run_training(pack, index, split, out_weights, out_heldout, out_history, out_
         "train_seconds": round(seconds, 2), "image_size": int(train_x.shape[1]) if len(train_x) else None,
         **metrics, "settings": s.__dict__,
     }
-    tmp = atomic_path(out_heldout)
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_heldout)
+    atomic_write_text(out_heldout, json.dumps(record, indent=2))
     write_provenance(out_heldout, [pack, index, split], {"training settings": settings, "seed": seed},
                      rule=rule, started=started)
     return record

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfaudit.files import atomic_path, sha256_file
+from cfaudit.files import atomic_write_text, sha256_file
 from cfaudit.weights import RetryPolicy, place_verified, state_dict_mismatch
 
 KINDS = ("trained", "deepderm", "checkpoint")
@@ -342,11 +342,8 @@ def deepderm_spec(weights, score_space: str = "softmax", threshold: float = DEEP
 
 
 def write_spec(spec: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(spec, indent=2, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    atomic_write_text(path, json.dumps(spec, indent=2, sort_keys=False))
+    return Path(path)
 
 
 def read_spec(spec_path: str | os.PathLike) -> dict:

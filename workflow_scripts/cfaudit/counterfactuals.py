@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cfaudit.files import write_csv
+from cfaudit.files import atomic_output, write_csv
 from cfaudit.runtime import derive_seed
 
 INDEX_COLUMNS = ["anchor_id", "anchor_label", "target_label", "generator", "path", "shard", "settings"]
@@ -40,11 +40,8 @@ def image_path(out_dir: str | os.PathLike, anchor_id: str, target: int) -> Path:
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Save one uint8 (H,W,3) image; written to a temporary name first so a kill leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB").save(tmp, format="PNG")
 
 
 def index_rows(anchor_ids, anchor_labels, target: int, generator: str, out_dir, shard: int, settings: dict) -> list[dict]:

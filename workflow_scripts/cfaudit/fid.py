@@ -33,7 +33,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-from cfaudit.files import atomic_path, sha256_file
+from cfaudit.files import atomic_output, atomic_write_text, sha256_file
 from cfaudit.weights import RetriesExhausted, RetryPolicy, download
 
 log = logging.getLogger("cfaudit.fid")
@@ -90,9 +90,8 @@ def place_weights(torch_home: str | os.PathLike, weights_path: str = "", url: st
     if weights_path:
         src = Path(weights_path)
         if src.is_file():
-            tmp = atomic_path(dst)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_output(dst) as tmp:
+                shutil.copyfile(src, tmp)
             if rec := verified(f"local file {src}"):
                 return rec
         else:
@@ -118,9 +117,7 @@ def place_weights(torch_home: str | os.PathLike, weights_path: str = "", url: st
 
 
 def write_status(status: dict, path: str | os.PathLike) -> None:
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(status, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------------

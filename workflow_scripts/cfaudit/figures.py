@@ -27,13 +27,15 @@ ORIGINAL_STYLE = {"color": "0.45", "linestyle": "--"}
 COLORS = {"original": "0.45", "gan": "tab:blue", "diffusion": "tab:orange", "guided": "tab:green"}
 
 
-def _save(fig, path: str | os.PathLike, dpi: int) -> None:
-    from cfaudit.files import atomic_path
+def save_figure(fig, path: str | os.PathLike, dpi: int, **savefig) -> None:
+    """Save a figure as PNG atomically, without the matplotlib version stamp (same figure, same bytes), and
+    close it."""
+    from cfaudit.files import atomic_output
 
-    tmp = atomic_path(path)
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", metadata={"Software": None})
+    options = {"bbox_inches": "tight", **savefig}
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": None}, **options)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _group_arrays(scores: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +60,7 @@ def _curve_groups(generator: str):
 def _finish(fig, ax, path, dpi: int, legend_loc: str) -> None:
     ax.legend(loc=legend_loc, fontsize=7)
     ax.grid(alpha=0.3)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def pr_figure(scores: pd.DataFrame, generator: str, path, score_space: str, dpi: int = 150) -> dict:
@@ -130,7 +132,7 @@ def score_histograms(scores: pd.DataFrame, generators: list[str], path, threshol
         ax.legend(fontsize=7, loc="upper center")
     axes[-1, 0].set_xlabel(f"classifier score ({score_space})")
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 BOOKKEEPING = ("step", "steps", "lr", "images", "seconds", "time", "per_s", "probe", "epoch", "iter", "batch")
@@ -203,7 +205,7 @@ def loss_figure(losses: dict[str, tuple[pd.DataFrame | None, str]], path, dpi: i
         ax.legend(fontsize=7, ncol=2 if len(cols) > 6 else 1)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def realism_figure(table: pd.DataFrame, path, dpi: int = 150, reason: str = "") -> None:
@@ -234,4 +236,4 @@ def realism_figure(table: pd.DataFrame, path, dpi: int = 150, reason: str = "") 
         title += "\n" + reason[:160] + ("…" if len(reason) > 160 else "")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

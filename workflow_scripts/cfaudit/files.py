@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -38,11 +39,25 @@ def atomic_path(path: str | os.PathLike):
     return Path(tmp)
 
 
-def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a CSV atomically (a killed job leaves no truncated table for Snakemake to trust)."""
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block completes.
+
+    The one way this package writes a file: a killed or failing job leaves no truncated output for Snakemake
+    to trust, and no temporary file behind.
+    """
     tmp = atomic_path(path)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a CSV atomically."""
+    with atomic_output(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -52,12 +67,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes atomically."""
-    tmp = atomic_path(path)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Path(path)
 
 

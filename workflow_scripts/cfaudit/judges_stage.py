@@ -20,7 +20,8 @@ import pandas as pd
 
 from cfaudit import judges as J
 from cfaudit.files import write_csv
-from cfaudit.metrics_stage import _write_text, comparable_pair, read_scores, read_spec, real_reference_index
+from cfaudit.files import atomic_write_text
+from cfaudit.metrics_stage import comparable_pair, read_scores, read_spec, real_reference_index
 from cfaudit.names import ORIGINAL
 from cfaudit.scoring import load_raw
 
@@ -327,14 +328,14 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     write_csv(long, out_csv)
     write_csv(diffs, out_diff)
     notes = judges_notes(specs, boot)
-    _write_text(judges_markdown(summary, diffs, notes), out_md)
+    atomic_write_text(out_md, judges_markdown(summary, diffs, notes))
     diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
                                     zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
     page = table_html(summary, "Are the counterfactuals semantic?", notes)
     page = page.replace("</body></html>", table_html(diff_view[["a", "b", "direction", "metric", "value", "n"]],
                                                       "Paired differences a − b (bootstrap over anchors)")
                         .split("<body>", 1)[1])
-    _write_text(page, out_html)
+    atomic_write_text(out_html, page)
     log.info("judges: %s", dict(zip(summary["generator"], summary["verdict"])))
     return long, diffs, summary
 

@@ -21,15 +21,9 @@ import numpy as np
 import pandas as pd
 
 from cfaudit import metrics as M
-from cfaudit.files import atomic_path, write_csv
+from cfaudit.files import atomic_output, atomic_write_text, write_csv
 
 log = logging.getLogger("cfaudit.metrics")
-
-
-def _write_text(text: str, path) -> None:
-    tmp = atomic_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_spec(spec_path) -> dict:
@@ -88,8 +82,8 @@ def make_table1(scores_path, anchors_path, spec_path, generators, bootstrap: dic
             f"{spec['threshold']} (prediction score > threshold); best-F1 threshold from the full sweep "
             "(score >= threshold); flips counted on anchors the classifier got right at the fixed threshold.",
             f"{bootstrap['resamples']} bootstrap resamples, seed {seed}."]
-    _write_text(M.table1_markdown(table, footnotes=foot), out_md)
-    _write_text(table_html(M.table1_wide(table), "Table 1", M.table1_notes(table) + foot), out_html)
+    atomic_write_text(out_md, M.table1_markdown(table, footnotes=foot))
+    atomic_write_text(out_html, table_html(M.table1_wide(table), "Table 1", M.table1_notes(table) + foot))
     log.info("Table 1: %d rows for groups %s", len(table), list(dict.fromkeys(table["group"])))
     return table
 
@@ -163,12 +157,11 @@ def make_closeness(index_paths: dict, anchors_path, cfg: dict, bootstrap: dict, 
                                      zip(summary["estimate"], summary["ci_low"], summary["ci_high"])])
         wide = wide.pivot_table(index=["generator", "direction"], columns="metric", values="value",
                                 aggfunc="first", sort=False).reset_index()
-        _write_text(table_html(wide, "Closeness of counterfactuals to their anchors", [
+        atomic_write_text(out_html, table_html(wide, "Closeness of counterfactuals to their anchors", [
             "L1 = mean |difference|, L2 = root-mean-square difference (intensities in [0, 1]); SSIM with an "
             f"{cfg['ssim_window']}-tap Gaussian window (sigma {cfg['ssim_sigma']}); frac_changed = share of "
             f"pixels whose largest channel difference exceeds {cfg['pixel_change_tolerance']} levels.",
-            f"Mean [{bootstrap['level']:.0%} bootstrap interval over anchors, {bootstrap['resamples']} resamples]."]),
-                    out_html)
+            f"Mean [{bootstrap['level']:.0%} bootstrap interval over anchors, {bootstrap['resamples']} resamples]."]))
     return summary, read
 
 
@@ -261,10 +254,8 @@ def make_realism(status_path, index_paths: dict, pack, pack_index, split, anchor
             arrays[f"gen:{gen}"] = all_feats[gen]
             arrays[f"anchor:{gen}"] = anchor_ids[gen]
             arrays[f"target:{gen}"] = labels[gen]
-        tmp = atomic_path(out_features)
-        with open(tmp, "wb") as fh:
+        with atomic_output(out_features) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, out_features)
     if out_html:
         from cfaudit.report import table_html
 
@@ -274,7 +265,7 @@ def make_realism(status_path, index_paths: dict, pack, pack_index, split, anchor
                  "'real train (reference)' is the real-vs-real floor: what real images score at the same N. "
                  "N is the same for every row (the smallest set, capped at metrics.fid.n); FID-type numbers are "
                  "biased upward at small N and comparable only at the same N. KID: mean ± std over subsets."]
-        _write_text(table_html(show, "Realism of counterfactuals vs real eval images", [note] + notes), out_html)
+        atomic_write_text(out_html, table_html(show, "Realism of counterfactuals vs real eval images", [note] + notes))
     log.info("realism (%s): N=%d, %s", mode, int(table["n_real"].iloc[0]),
              dict(zip(table["set"] + " " + table["metric"], table["value"].round(4))))
     return table, {"mode": mode, "implementation": impl, "n": int(table["n_real"].iloc[0]), "note": note,

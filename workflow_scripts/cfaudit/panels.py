@@ -105,7 +105,7 @@ def contact_sheet(table: pd.DataFrame, tile: int, generator: str, classifier: st
 def run_panels(score_paths: list, anchors_path, generator: str, out_dir, sheet_path, settings: dict, log=None) -> pd.DataFrame:
     """Rule panels: every anchor's panel into ``out_dir`` + the contact sheet (with a provenance sidecar);
     ``score_paths``: score tables holding the originals' and ``generator``'s rows."""
-    from cfaudit.files import atomic_path
+    from cfaudit.files import atomic_output
     from cfaudit.provenance import now, write_provenance
 
     started = now()
@@ -127,9 +127,8 @@ def run_panels(score_paths: list, anchors_path, generator: str, out_dir, sheet_p
     table.to_csv(out_dir / "panels.csv", index=False)
     n = settings.get("sheet_max_anchors")
     shown = table if n is None else table.head(n)
-    tmp = atomic_path(sheet_path)
-    contact_sheet(shown, settings["sheet_tile_size"], generator, classifier, space).save(tmp, format="PNG")
-    os.replace(tmp, sheet_path)
+    with atomic_output(sheet_path) as tmp:
+        contact_sheet(shown, settings["sheet_tile_size"], generator, classifier, space).save(tmp, format="PNG")
     write_provenance(sheet_path, [*score_paths, anchors_path], {"classifier.panels": settings, "generator": generator},
                      rule="panels", started=started, extra={"n_anchors_shown": len(shown), "n_panels": len(table)})
     if log:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cfaudit.files import atomic_path, sha256_file
+from cfaudit.files import atomic_output, atomic_path, sha256_file
 
 log = logging.getLogger("cfaudit.weights")
 
@@ -116,16 +116,12 @@ def download(url: str, dest: str | os.PathLike, *, policy: RetryPolicy = RetryPo
     if urllib.parse.urlparse(url).scheme not in URL_SCHEMES:
         raise ValueError(f"{url!r} is not an http(s):// or file:// URL")
     dest = Path(dest)
-    tmp = atomic_path(dest)
 
     def retrying(attempt, problem, wait):
         logger.warning("download attempt %d of %s failed (%s); retrying in %.0f s", attempt + 1, url, problem, wait)
 
-    try:
+    with atomic_output(dest) as tmp:
         call_with_retries(lambda: _get(url, tmp, timeout_s), policy, network_problem, sleep=sleep, on_retry=retrying)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cfaudit.data.pack import PACK_INDEX_COLUMNS, round_to_uint8
-from cfaudit.files import atomic_path, write_csv
+from cfaudit.files import atomic_output, write_csv
 
 RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "box": Image.BOX}
 QUARANTINE_COLUMNS = ["image_id", "path", "reason"]
@@ -82,9 +82,8 @@ def _process_one(args):
         img = resize_square(load_rgb8(src, background), size, mode, resample)
     except UnreadableImage as err:
         return image_id, None, str(err)
-    tmp = Path(dst).with_name(f".{Path(dst).name}.part")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    with atomic_output(dst) as tmp:
+        img.save(tmp, format="PNG")
     return image_id, np.asarray(img, dtype=np.uint8), ""
 
 
@@ -115,10 +114,8 @@ def resize_dataset(ground_truth: pd.DataFrame, out_dir, pack_path, index_path, q
     index = pd.DataFrame({"row": np.arange(len(good)), "image_id": [i for i, _ in good],
                           "label": [int(labels[i]) for i, _ in good],
                           "png": [str(out_dir / f"{i}.png") for i, _ in good]}, columns=PACK_INDEX_COLUMNS)
-    tmp = atomic_path(pack_path)
-    with open(tmp, "wb") as fh:
+    with atomic_output(pack_path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, pack)
-    os.replace(tmp, pack_path)
     write_csv(index, index_path)
     quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
     write_csv(quarantine, quarantine_path)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import html
 import logging
 import re
-from pathlib import Path
 
 import pandas as pd
 
 from cfaudit.counterfactuals import INDEX_COLUMNS
-from cfaudit.files import atomic_path, write_csv
+from cfaudit.figures import save_figure
+from cfaudit.files import atomic_write_text, write_csv
 from cfaudit.traits.analysis import ORIGINAL, measure, ranked_markdown, select_originals, settings_from_config, selected_features
 from cfaudit.traits.features import FEATURES
 from cfaudit.traits.segmentation import SegmentationSettings
@@ -91,8 +91,8 @@ def statistics_step(features_path, outputs: dict, *, seed: int, generators, stat
     write_csv(paired, outputs["paired"])
     write_csv(labels, outputs["labels"])
     md = ranked_markdown(paired, labels, statistics["alpha"], features)
-    _write_text(outputs["ranked"], md)
-    _write_text(outputs["html"], markdown_to_html(md, "Trait analysis"))
+    atomic_write_text(outputs["ranked"], md)
+    atomic_write_text(outputs["html"], markdown_to_html(md, "Trait analysis"))
     for g in paired["generator"].unique() if len(paired) else []:
         for t in (1, 0):
             sig = paired[(paired.generator == g) & (paired.target_label == t) & (paired.stratum == "all") & paired.significant]
@@ -109,26 +109,11 @@ def statistics_step(features_path, outputs: dict, *, seed: int, generators, stat
         "segmentation": figs.segmentation_figure(features, figures["qc_images"], seg, seed),
     }
     for key, fig in made.items():
-        _save(fig, outputs[key], dpi)
+        save_figure(fig, outputs[key], dpi, bbox_inches=None)
     for g, path in zip(generators, outputs["examples"]):
-        _save(figs.examples_figure(features, paired, g, k, figures["examples"], req, seg), path, dpi)
+        save_figure(figs.examples_figure(features, paired, g, k, figures["examples"], req, seg), path, dpi,
+                    bbox_inches=None)
     return {"paired": paired, "labels": labels, "features": features}
-
-
-def _save(fig, path, dpi):
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _write_text(path, text):
-    tmp = atomic_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _inline(text: str) -> str:
