@@ -33,7 +33,7 @@ rule place_classifier_weights:
 rule train_classifier:
     """Train classifier.trained.arch from scratch on the train split; held-out AUROC on the eval split."""
     input:
-        pack=rules.resize.output.pack,
+        pack=training_pack(),
         index=rules.resize.output.index,
         split=rules.split.output.split,
     output:

@@ -1,6 +1,6 @@
 from snakemake.exceptions import WorkflowError
 
-from cfaudit.config import result_settings
+from cfaudit.config import result_settings, shortcut_enabled
 from cfaudit.names import ORIGINAL  # the originals' share of the score tables
 
 # Shared paths, constants and helpers for every rules file. Rule params hold only settings that can change the
@@ -22,6 +22,8 @@ SHARDED_GENERATORS = [g for g in ("gan", "diffusion", "guided", "guided_noclf") 
 # Each rules file appends the deliverables it adds to `rule all`.
 ALL_TARGETS = []
 SYNTH = "resources/synthetic"
+# a planted shortcut in the audited classifier's train images (cfaudit.data.shortcut; embedded data only)
+SHORTCUT_ON = config["dataset"]["source"] == "synthetic" and shortcut_enabled(config)
 ISIC = "resources/isic"
 
 

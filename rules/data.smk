@@ -7,7 +7,7 @@ rule synthetic_dataset:
         images=directory(f"{SYNTH}/images"),
         metadata=f"{SYNTH}/metadata.csv",
     params:
-        synthetic=config["dataset"]["synthetic"],
+        synthetic=result_settings(config, "dataset.synthetic", drop=("shortcut",)),
         seed=config["seed"],
     conda:
         CONDA_ENV
@@ -118,6 +118,38 @@ rule anchors:
         f"{LOGS}/data/anchors.log",
     script:
         entry_script("anchors.py")
+
+
+rule shortcut_pack:
+    """The audited classifier's pack with a planted cue in its train images (dataset.synthetic.shortcut)."""
+    input:
+        metadata=rules.synthetic_dataset.output.metadata,
+        pack=rules.resize.output.pack,
+        index=rules.resize.output.index,
+        split=rules.split.output.split,
+    output:
+        pack=f"{DATA}/shortcut/pack.npy",
+        cues=f"{DATA}/shortcut/cues.csv",
+        summary=f"{DATA}/shortcut/summary.csv",
+        prov=prov(f"{DATA}/shortcut/cues.csv"),
+    params:
+        shortcut=config["dataset"]["synthetic"]["shortcut"],
+        synth_size=config["dataset"]["synthetic"]["size"],
+        resize=config["resize"],
+        seed=config["seed"],
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/data/shortcut_pack.log",
+    script:
+        entry_script("shortcut_pack.py")
+
+
+def training_pack(train_data="shortcut"):
+    """The pack a classifier trains on: with the planted cue when a shortcut is configured and ``train_data`` asks for it."""
+    if SHORTCUT_ON and train_data == "shortcut":
+        return rules.shortcut_pack.output.pack
+    return rules.resize.output.pack
 
 
 ALL_TARGETS.extend([rules.anchors.output.anchors, rules.ground_truth.output.report, rules.resize.output.quarantine])

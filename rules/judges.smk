@@ -22,7 +22,7 @@ if "pgd" in MET_GENERATORS and "guided" not in MET_GENERATORS:
 rule train_oracle:
     """Train one oracle (metrics.oracles.models) on the train split; held-out AUROC; oracle.json (a classifier spec)."""
     input:
-        pack=rules.resize.output.pack,
+        pack=lambda wc: training_pack(ORACLES[wc.oracle].get("train_data", "clean")),
         index=rules.resize.output.index,
         split=rules.split.output.split,
     output:
@@ -190,3 +190,31 @@ rule judges:
 
 if MET_GENERATORS:
     ALL_TARGETS.extend([*rules.judges.output, *expand(rules.train_oracle.output.heldout, oracle=list(ORACLES))])
+
+
+rule shortcut_cue_effect:
+    """Planted shortcut: each anchor re-rendered with and without the cue, scored by the audited classifier and every oracle."""
+    input:
+        anchors=rules.anchors.output.anchors,
+        metadata=rules.synthetic_dataset.output.metadata,
+        spec=CLASSIFIER_SPEC,
+        oracle_specs=[f"{ORACLE_DIR}/{name}/oracle.json" for name in ORACLES],
+    output:
+        table=CUE_EFFECT,
+        prov=prov(CUE_EFFECT),
+    params:
+        shortcut=config["dataset"]["synthetic"]["shortcut"],
+        oracles=list(ORACLES),
+        train_data={name: entry.get("train_data", "clean") for name, entry in ORACLES.items()},
+        seed=config["seed"],
+        synth_size=config["dataset"]["synthetic"]["size"],
+        image_size=config["image_size"],
+        resize=config["resize"],
+        bootstrap=TRAITS["statistics"]["bootstrap"],
+        ci_level=TRAITS["statistics"]["ci_level"],
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/traits/shortcut_cue_effect.log",
+    script:
+        entry_script("shortcut_cue_effect.py")

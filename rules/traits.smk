@@ -17,6 +17,7 @@ TRAITS_CF_INDEXES = {g: f"{TRAITS_DIR}/planted_shift/index.csv" if g == "planted
                      for g in TRAITS_GENERATORS}
 TRAITS_FEATURES = {k: TRAITS[k] for k in ("originals", "segmentation", "colours", "skin")}
 TRAITS_CATEGORY = "5. Trait analysis"
+CUE_EFFECT = f"{TRAITS_DIR}/shortcut/cue_effect.csv"  # rule shortcut_cue_effect (rules/judges.smk: it needs the oracles)
 
 
 rule traits_planted_shift:
@@ -95,9 +96,11 @@ rule traits:
     """Paired tests (Wilcoxon, Holm, bootstrap CIs, effect sizes) per generator and direction, the ranked table and the figures."""
     input:
         features=rules.gather_traits_features.output.features,
+        cue_effect=[CUE_EFFECT] if SHORTCUT_ON else [],
     output:
         paired=f"{TRAITS_DIR}/paired_stats.csv",
         labels=f"{TRAITS_DIR}/label_stats.csv",
+        artefacts=f"{TRAITS_DIR}/artefacts.csv",
         ranked=f"{TRAITS_DIR}/ranked.md",
         html=report(f"{TRAITS_DIR}/ranked.html", caption="report/traits_ranked.rst", category=TRAITS_CATEGORY,
                     labels={"table": "what the counterfactuals add / remove"}),
@@ -116,6 +119,7 @@ rule traits:
             *[
                 f"{TRAITS_DIR}/paired_stats.csv",
                 f"{TRAITS_DIR}/label_stats.csv",
+                f"{TRAITS_DIR}/artefacts.csv",
                 f"{TRAITS_DIR}/ranked.md",
                 f"{TRAITS_DIR}/ranked.html",
                 f"{TRAITS_FIG}/traits_differences.png",
@@ -130,6 +134,7 @@ rule traits:
         statistics=TRAITS["statistics"],
         figures=TRAITS["figures"],
         segmentation=TRAITS["segmentation"],
+        cue=config["dataset"]["synthetic"]["shortcut"]["cue"] if SHORTCUT_ON else "none",
     conda:
         CONDA_ENV
     log:

@@ -48,7 +48,7 @@ def test_traits_differ_by_class_but_overlap():
         assert m.mean() > b.mean() + 0.1 * b.std()  # planted: malignant higher
         assert m.min() < b.max()  # overlap: no single trait separates the classes
     # nuisances are independent of the class
-    for nuisance in ("skin_ita", "hair", "illumination"):
+    for nuisance in ("skin_ita", "hair", "ruler", "ink", "illumination"):
         b = np.array([getattr(t, nuisance) for t in ben], float)
         m = np.array([getattr(t, nuisance) for t in mal], float)
         assert abs(m.mean() - b.mean()) < 0.25 * (b.std() + 1e-9) + 1e-6

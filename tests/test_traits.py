@@ -234,6 +234,7 @@ def test_features_measure_the_planted_traits(synthetic_measured):
     assert rho("skin_ita", "skin_ita") > 0.7
     assert rho("hair", "hair") > 0.7
     assert rho("ink", "ink") > 0.8
+    assert rho("ruler", "ruler") > 0.8
     # nuisances are not mistaken for traits
     assert abs(rho("hair", "n_colours")) < 0.35 and abs(rho("skin_ita", "compactness")) < 0.35
 
@@ -243,7 +244,8 @@ def test_reference_table_finds_the_planted_class_differences(synthetic_measured)
     ls = label_statistics(feats, seed=3, resamples=300).set_index("feature")
     for f in ("diameter", "n_colours", "compactness"):
         assert ls.loc[f, "significant"] and ls.loc[f, "mean_diff"] > 0, ls.loc[f]
-    assert not ls.loc["skin_ita", "significant"] and not ls.loc["hair", "significant"]
+    for nuisance in ("skin_ita", "hair", "ink", "ruler"):  # drawn independently of the class
+        assert not ls.loc[nuisance, "significant"], ls.loc[nuisance]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -399,7 +401,7 @@ def test_analysis_recovers_planted_trait_shifts(tmp_path):
     assert_recovers_planted_traits(paired, "planted_shift", require_all=True)
     allp = paired[paired["stratum"] == "all"].set_index(["target_label", "feature"])
     for t in (0, 1):
-        for nuisance in ("hair", "ink", "skin_ita", "skin_redness"):
+        for nuisance in ("hair", "ink", "ruler", "skin_ita", "skin_redness"):
             assert not allp.loc[(t, nuisance), "significant"], (t, nuisance, allp.loc[(t, nuisance)])
         assert allp.loc[(t, "change_inside_share"), "significant"]  # the change sits on the lesion
 

@@ -36,8 +36,24 @@ def validate_config(config: dict) -> dict:
         ) from None
     fill_defaults(config, load_schema(SCHEMA))
     check_ema_use(config)
+    check_shortcut(config)
     sort_keys_in_place(config)
     return config
+
+
+def shortcut_enabled(config: dict) -> bool:
+    """Whether the audited classifier trains on the pack with the planted cue (cfaudit.data.shortcut)."""
+    return config["dataset"]["synthetic"]["shortcut"]["cue"] != "none"
+
+
+def check_shortcut(config: dict) -> None:
+    """The planted shortcut re-renders embedded images: refuse it for ISIC or folder data."""
+    source = config["dataset"]["source"]
+    if shortcut_enabled(config) and source != "synthetic":
+        cue = config["dataset"]["synthetic"]["shortcut"]["cue"]
+        raise ConfigError(f"config key 'dataset.synthetic.shortcut.cue' is {cue!r} but dataset.source is {source!r}: "
+                          "a cue can only be planted in the embedded images. Set the cue to none or use "
+                          "dataset.source: synthetic.")
 
 
 def sort_keys_in_place(node: dict) -> None:

@@ -61,8 +61,10 @@ DESCRIPTIONS = {
     "frac_red": "share of lesion red",
     "skin_ita": "skin tone ITA (°, higher = lighter)",
     "skin_redness": "surrounding-skin redness a*",
-    "hair": "hair coverage (share of image)",
-    "ink": "marker-ink coverage (share of image)",
+    "hair": "hair coverage outside the lesion (share)",
+    "ink": "marker-ink coverage outside the lesion (share)",
+    "ruler": "ruler ticks outside the lesion (count)",
+    "ink_lesion": "marker-ink colour inside the lesion (share)",
     "change_mean": "mean change vs anchor (ΔE)",
     CHANGE_SHARE: "share of the change inside the anchor's lesion (anchor column: lesion area)",
 }
@@ -244,15 +246,17 @@ def reconstruction_markdown(paired: pd.DataFrame, generator: str) -> list[str]:
     return out + [""]
 
 
-def ranked_markdown(paired: pd.DataFrame, label_stats: pd.DataFrame | None, alpha: float, features_table: pd.DataFrame | None = None) -> str:
-    """ranked.md: per generator, the malignant and benign counterfactuals' changes ranked by effect size."""
+def ranked_markdown(paired: pd.DataFrame, label_stats: pd.DataFrame | None, alpha: float, features_table: pd.DataFrame | None = None,
+                    extra: list[str] = ()) -> str:
+    """ranked.md: per generator, the malignant and benign counterfactuals' changes ranked by effect size;
+    ``extra`` lines (the artefact section) follow the introduction."""
     out = ["# Trait analysis: what the counterfactuals add and remove", "",
            "Paired differences counterfactual − anchor per feature (anchors are the unit). ↑ = the counterfactual "
            "has more of it, ↓ = less. Ranked by |rank-biserial r| (matched pairs) among Holm-significant features "
            f"(Wilcoxon signed-rank, α = {alpha}) first. CI = percentile bootstrap of the mean difference. "
            "'agrees' = the change points the way malignant originals differ from benign ones in this dataset "
            "(only where that difference is itself significant). Pairs with a segmentation quality flag are left "
-           "out of mask-based features. Full numbers: paired_stats.csv; per-image values: features.csv.", ""]
+           "out of mask-based features. Full numbers: paired_stats.csv; per-image values: features.csv.", "", *extra]
     if features_table is not None and len(features_table):
         s = segmentation_summary(features_table)
         out += ["## Segmentation quality", "", "| role | generator | images | usable masks |", "|---|---|---|---|"]

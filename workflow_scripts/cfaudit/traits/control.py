@@ -68,15 +68,19 @@ def image_index(image_id: str) -> int:
 
 
 class _Recorder:
-    """A numpy Generator stand-in that passes draws through (or replays recorded ones) and records them."""
+    """A numpy Generator stand-in that passes draws through (or replays recorded ones) and records them.
 
-    def __init__(self, base: np.random.Generator | None, replay_after: int | None = None, replay=()):
-        self.base, self.replay_after, self.replay = base, replay_after, list(replay)
+    ``then_base``: once the recorded draws are used up, draw from ``base`` instead of failing."""
+
+    def __init__(self, base: np.random.Generator | None, replay_after: int | None = None, replay=(), then_base=False):
+        self.base, self.replay_after, self.replay, self.then_base = base, replay_after, list(replay), then_base
         self.calls: list[tuple[str, object]] = []
 
     def __getattr__(self, name):
         def draw(*args, **kwargs):
-            if self.replay_after is not None and len(self.calls) >= self.replay_after:
+            if self.then_base and not self.replay:
+                value = getattr(self.base, name)(*args, **kwargs)
+            elif self.replay_after is not None and len(self.calls) >= self.replay_after:
                 if not self.replay:
                     raise RuntimeError("planted-shift replay ran out of recorded nuisance draws: the synthetic "
                                        "renderer's draw order changed; update cfaudit.traits.control")
@@ -123,6 +127,46 @@ def render_shifted(t: Traits, seed: int, synth_size: int, target: int | None, sh
     if rec.replay:
         raise RuntimeError("planted-shift replay left nuisance draws unused: the synthetic renderer's draw order "
                            "changed; update cfaudit.traits.control")
+    return img
+
+
+# Draws the renderer takes per nuisance (cfaudit.data.synthetic.render: ruler, then ink, then each hair).
+NUISANCE_DRAWS = {"ruler": 1, "ink": 2, "hair": 4}
+
+
+def _nuisance_segments(t: Traits, calls: list) -> dict:
+    """A render's nuisance draws split into the ruler's, the ink's and one list per hair."""
+    n_ruler, n_ink = NUISANCE_DRAWS["ruler"] * t.ruler, NUISANCE_DRAWS["ink"] * t.ink
+    hairs = calls[n_ruler + n_ink:]
+    if len(hairs) != NUISANCE_DRAWS["hair"] * t.hair:
+        raise RuntimeError("the synthetic renderer's nuisance draws changed; update cfaudit.traits.control.NUISANCE_DRAWS")
+    step = NUISANCE_DRAWS["hair"]
+    return {"ruler": calls[:n_ruler], "ink": calls[n_ruler:n_ruler + n_ink],
+            "hair": [hairs[i:i + step] for i in range(0, len(hairs), step)]}
+
+
+def render_with_nuisances(t: Traits, seed: int, synth_size: int, *, ruler: bool, ink: bool, hair: int) -> np.ndarray:
+    """Re-render image ``t.image_id`` with the given ruler, ink and hair count and nothing else changed.
+
+    The lesion and skin replay the image's own stream; a nuisance the image had keeps its position (the first
+    ``hair`` of its hairs are kept); one it lacked is drawn from the image's cue stream
+    ``default_rng([seed, index, 1])``. With the image's own nuisances this reproduces it byte for byte."""
+    lesion_n = _lesion_draws(t, seed, synth_size)
+    original = _Recorder(_stream(t, seed))
+    render(t, synth_size, original)
+    lesion, have = original.calls[:lesion_n], _nuisance_segments(t, original.calls[lesion_n:])
+    everything = dataclasses.replace(t, ruler=True, ink=True, hair=max(hair, t.hair))
+    extra = _Recorder(np.random.default_rng([seed, image_index(t.image_id), 1]), replay_after=0, replay=lesion,
+                      then_base=True)
+    render(everything, synth_size, extra)
+    fresh = _nuisance_segments(everything, extra.calls[lesion_n:])
+    hairs = (have["hair"] + fresh["hair"][len(have["hair"]):])[:hair]
+    script = (lesion + (have["ruler"] or fresh["ruler"]) * ruler + (have["ink"] or fresh["ink"]) * ink
+              + [draw for strand in hairs for draw in strand])
+    rec = _Recorder(None, replay_after=0, replay=script)
+    img = render(dataclasses.replace(t, ruler=bool(ruler), ink=bool(ink), hair=int(hair)), synth_size, rec)
+    if rec.replay:
+        raise RuntimeError("nuisance replay left draws unused: update cfaudit.traits.control")
     return img
 
 

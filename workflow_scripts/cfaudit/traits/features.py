@@ -71,12 +71,18 @@ SHAPE_FEATURES = ["area", "diameter", "feret_max", "major_axis", "minor_axis", "
                   "asymmetry_minor", "compactness", "solidity", "convexity"]
 COLOUR_FEATURES = ["n_colours", "has_blue_grey", "has_white", "has_red", "colour_sd", "lesion_lightness",
                    "contrast"] + [f"frac_{c}" for c in COLOUR_NAMES]
-SKIN_FEATURES = ["skin_ita", "skin_redness", "hair", "ink"]
-FEATURES = SHAPE_FEATURES + COLOUR_FEATURES + SKIN_FEATURES
+SKIN_FEATURES = ["skin_ita", "skin_redness"]
+# Things on the image that are not the lesion nor skin, measured outside the lesion: a classifier that relies on
+# them relies on a shortcut (Winkler et al., JAMA Dermatol. 2019, doi:10.1001/jamadermatol.2019.1735: skin
+# markings raised a CNN's melanoma scores).
+# ``ink_lesion`` is the marker-ink colour (violet, a hue no lesion colour has) inside the lesion: where a generator
+# paints the colour of a marking rather than a marking on the skin.
+ARTEFACT_FEATURES = ["hair", "ink", "ruler", "ink_lesion"]
+FEATURES = SHAPE_FEATURES + COLOUR_FEATURES + SKIN_FEATURES + ARTEFACT_FEATURES
 CHANGE_FEATURES = ["change_mean", "change_inside_share"]
 PAIRED_SKIN = ["skin_ita", "skin_redness"]  # measured on the pair's common skin ring for counterfactuals
 # Features that need a usable lesion mask (undefined when segmentation failed); the nuisances do not.
-MASK_FEATURES = [f for f in FEATURES if f not in ("hair", "ink")]
+MASK_FEATURES = [f for f in FEATURES if f not in ("hair", "ink", "ruler")]
 
 
 @dataclass(frozen=True)
@@ -258,9 +264,19 @@ def image_features(rgb: np.ndarray, seg: SegmentationSettings | None = None, fea
     out.update(shape_features(res.mask))
     out.update(colour_features(res.lab, lesion_interior(res.mask, feat.margin), skin, feat))
     out.update(skin_features(res.lab, skin))
-    out["hair"] = float(res.hair.mean())
-    out["ink"] = float(res.ink.mean())
+    out.update(artefact_features(res))
     return out, res
+
+
+def artefact_features(res: SegmentationResult) -> dict:
+    """Hair and marker ink as shares of the image outside the lesion; the number of ruler ticks outside it; the
+    share of the lesion in marker-ink colour (nan without a lesion mask)."""
+    outside = ~res.mask
+    area = max(int(outside.sum()), 1)
+    lesion = int(res.mask.sum())
+    return {"hair": float((res.hair & outside).sum() / area), "ink": float((res.ink & outside).sum() / area),
+            "ruler": float(res.ruler_ticks),
+            "ink_lesion": float((res.ink & res.mask).sum() / lesion) if lesion else float("nan")}
 
 
 def change_features(anchor_rgb: np.ndarray, cf_rgb: np.ndarray, anchor_mask: np.ndarray) -> dict:

@@ -47,7 +47,9 @@ FAMILIES = {
                "frac_black", "frac_blue_grey", "frac_white", "frac_red"],
     "tone": ["lesion_lightness", "contrast"],
     "skin": ["skin_ita", "skin_redness"],
-    "hair": ["hair", "ink"],
+    "hair": ["hair"],
+    "ink": ["ink", "ink_lesion"],
+    "ruler": ["ruler"],
     "change": ["change_inside_share"],
 }
 FAMILY_OF = {f: fam for fam, feats in FAMILIES.items() for f in feats}

@@ -11,6 +11,16 @@ Method (every length is a fraction of the image side, so one setting serves 64 p
    **Ink**: violet marker pen (CIELAB chroma >= ``ink_chroma`` with hue angle between ``ink_hue_min`` and
    ``ink_hue_max`` degrees: purple, not the blue-grey of a lesion at about -90 deg nor skin at positive
    hues) is marked, excluded from lesion and skin, and reported as a nuisance.
+   **Ruler**: the marks of a ruler are short thin dark ticks repeated along a straight line parallel to an
+   image edge. Along each row (and column) of the black-hat response outside the lesion (half-width
+   ``ruler_kernel``), a tick is a peak above ``ruler_threshold`` with prominence ``ruler_prominence`` and width at
+   most ``ruler_max_tick`` (a hair crossing the row is one peak; one running along it has no prominent peaks);
+   ticks no further apart than ``ruler_max_gap`` form a chain. A ruler is one line on plain skin: the rows
+   ``ruler_isolation`` above and below must hold under a third as many peaks in the chain's span and a mean
+   response under a third of the ticks' height (a periodic texture, such as a GAN's checkerboard artefact, is as
+   strong in every row). The longest such chain of at least ``ruler_min_ticks``
+   ticks is the ruler; an image without a ruler rarely has more than four such peaks in a row. Rulers at an angle to the image edges
+   are not found.
 2. **Skin reference**: the median CIELAB colour of a frame of width ``border_band`` around the image,
    ignoring near-black regions connected to the frame (L* < ``dark_lightness``: the dark corners of
    circular dermoscopes), which are excluded from the lesion too.
@@ -38,6 +48,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.signal import find_peaks
 
 from cfaudit.traits.colour import delta_e, linear_to_lab, rgb_to_lab, srgb_to_linear
 
@@ -63,6 +74,13 @@ class SegmentationSettings:
     ink_chroma: float = 25.0
     ink_hue_min: float = -70.0
     ink_hue_max: float = -20.0
+    ruler_kernel: float = 0.025
+    ruler_threshold: float = 3.0
+    ruler_prominence: float = 2.5
+    ruler_max_tick: float = 0.06
+    ruler_max_gap: float = 0.12
+    ruler_isolation: float = 0.08
+    ruler_min_ticks: int = 6
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "SegmentationSettings":
@@ -85,6 +103,8 @@ class SegmentationResult:
     skin_lab: np.ndarray  # (3,) CIELAB skin reference
     threshold: float  # Otsu threshold on the ΔE map
     flags: list[str] = field(default_factory=list)
+    ruler: np.ndarray | None = None  # bool (H, W): the ticks of a ruler outside the lesion
+    ruler_ticks: int = 0  # how many ticks the ruler has (0: no ruler found)
 
     @property
     def ok(self) -> bool:
@@ -152,6 +172,66 @@ def detect_ink(lab: np.ndarray, settings: SegmentationSettings) -> np.ndarray:
     chroma = np.hypot(lab[..., 1], lab[..., 2])
     hue = np.degrees(np.arctan2(lab[..., 2], lab[..., 1]))
     return (chroma >= settings.ink_chroma) & (hue >= settings.ink_hue_min) & (hue <= settings.ink_hue_max)
+
+
+def _ticks(profile: np.ndarray, settings: SegmentationSettings, n: int) -> tuple[np.ndarray, dict]:
+    """Candidate ruler ticks along one row's black-hat ``profile``: peaks above ``ruler_threshold`` with
+    prominence ``ruler_prominence`` and width (at half prominence) at most ``ruler_max_tick``."""
+    return find_peaks(profile, height=settings.ruler_threshold, prominence=settings.ruler_prominence,
+                      width=(None, settings.ruler_max_tick * n))
+
+
+def _longest_chain(peaks: np.ndarray, max_gap: float) -> slice:
+    """The longest run of consecutive ``peaks`` no more than ``max_gap`` apart, as a slice of ``peaks``."""
+    if len(peaks) == 0:
+        return slice(0, 0)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(peaks) > max_gap) + 1])
+    stops = np.concatenate([starts[1:], [len(peaks)]])
+    best = int(np.argmax(stops - starts))
+    return slice(int(starts[best]), int(stops[best]))
+
+
+def _isolated(lines: np.ndarray, peaks_by_row: list, row: int, span: tuple[int, int], chain: int, height: float,
+              offset: int) -> bool:
+    """A ruler is one line of ticks on plain skin. In the rows ``offset`` and ``offset`` + 1 above and below (both
+    phases of a 2-pixel period), the chain's span must hold under a third as many tick-like peaks, and its mean
+    black-hat response must stay under a third of the ticks' mean height. A periodic texture (a GAN's checkerboard
+    artefact, a weak diffusion model's noise) is as strong in every row and fails this."""
+    for other in (row - offset, row - offset - 1, row + offset, row + offset + 1):
+        if not 0 <= other < len(lines):
+            continue
+        p = peaks_by_row[other]
+        if 3 * int(((p >= span[0]) & (p <= span[1])).sum()) >= chain:
+            return False
+        if 3 * float(lines[other, span[0]:span[1] + 1].mean()) >= height:
+            return False
+    return True
+
+
+def detect_ruler(lightness: np.ndarray, exclude: np.ndarray, settings: SegmentationSettings) -> tuple[np.ndarray, int]:
+    """Ruler ticks outside ``exclude`` (module docstring, step 1): (bool mask of the ticks, number of ticks)."""
+    n = min(lightness.shape)
+    response = np.where(exclude, 0.0, blackhat(lightness, max(1.5, settings.ruler_kernel * n)))
+    offset = max(2, int(round(settings.ruler_isolation * n)))
+    best_ticks, best_mask = 0, np.zeros(lightness.shape, bool)
+    for axis in (0, 1):
+        lines = response if axis == 0 else response.T
+        found = [_ticks(line, settings, n) for line in lines]
+        peaks_by_row = [peaks for peaks, _ in found]
+        for row, (peaks, props) in enumerate(found):
+            keep = _longest_chain(peaks, settings.ruler_max_gap * n)
+            chain = peaks[keep]
+            if len(chain) <= best_ticks or not _isolated(lines, peaks_by_row, row, (chain[0], chain[-1]), len(chain),
+                                                         float(props["peak_heights"][keep].mean()), offset):
+                continue
+            best_ticks = len(chain)
+            mask = np.zeros(lines.shape, bool)
+            for a, b in zip(props["left_ips"][keep], props["right_ips"][keep]):
+                mask[row, int(np.floor(a)):int(np.ceil(b)) + 1] = True
+            best_mask = mask if axis == 0 else mask.T
+    if best_ticks < settings.ruler_min_ticks:
+        return np.zeros(lightness.shape, bool), 0
+    return best_mask & ~exclude, best_ticks
 
 
 def remove_hair(rgb: np.ndarray, hair: np.ndarray, settings: SegmentationSettings) -> np.ndarray:
@@ -284,5 +364,6 @@ def segment(rgb: np.ndarray, settings: SegmentationSettings | None = None) -> Se
         ring = ~mask & usable
         if ring.any() and delta_e(lab_clean[mask].mean(axis=0), lab_clean[ring].mean(axis=0)) < s.min_contrast:
             flags.append("low_contrast")
+    ruler, ruler_ticks = detect_ruler(lab0[..., 0], mask, s)
     return SegmentationResult(mask=mask, hair=hair, ink=ink, cleaned=cleaned, lab=lab_clean, usable=usable, skin_lab=skin,
-                              threshold=thr, flags=flags)
+                              threshold=thr, flags=flags, ruler=ruler, ruler_ticks=ruler_ticks)

@@ -15,6 +15,7 @@ from cfaudit.files import atomic_write_text, write_csv
 from cfaudit.traits.analysis import ORIGINAL, measure, ranked_markdown, select_originals, settings_from_config, selected_features
 from cfaudit.traits.features import FEATURES
 from cfaudit.traits.segmentation import SegmentationSettings
+from cfaudit.traits.shortcut import artefact_markdown, artefact_table
 from cfaudit.traits.statistics import label_statistics, paired_statistics
 
 log = logging.getLogger("cfaudit.traits")
@@ -77,9 +78,10 @@ def gather_features(part_paths, anchors_path, generators) -> pd.DataFrame:
 
 
 def statistics_step(features_path, outputs: dict, *, seed: int, generators, statistics: dict, figures: dict,
-                    segmentation: dict) -> dict:
-    """outputs: paired, labels, ranked, html, differences, originals, segmentation, examples (list, in
-    the order of ``generators``). Returns the tables and figure paths."""
+                    segmentation: dict, cue: str = "none", cue_effect_path=None) -> dict:
+    """outputs: paired, labels, artefacts, ranked, html, differences, originals, segmentation, examples (list, in
+    the order of ``generators``). ``cue``: the planted shortcut (dataset.synthetic.shortcut.cue) with its
+    cue-effect table (rule shortcut_cue_effect). Returns the tables and figure paths."""
     features = pd.read_csv(features_path, keep_default_na=True)
     features["seg_flags"] = features["seg_flags"].fillna("")
     cfg = {"statistics": statistics}
@@ -90,7 +92,11 @@ def statistics_step(features_path, outputs: dict, *, seed: int, generators, stat
     labels = label_statistics(features, feature_names=[f for f in names if f in FEATURES], **st)
     write_csv(paired, outputs["paired"])
     write_csv(labels, outputs["labels"])
-    md = ranked_markdown(paired, labels, statistics["alpha"], features)
+    artefacts = artefact_table(paired, labels, cue)
+    write_csv(artefacts, outputs["artefacts"])
+    effect = pd.read_csv(cue_effect_path) if cue_effect_path else None
+    md = ranked_markdown(paired, labels, statistics["alpha"], features,
+                         extra=artefact_markdown(paired, artefacts, cue, effect))
     atomic_write_text(outputs["ranked"], md)
     atomic_write_text(outputs["html"], markdown_to_html(md, "Trait analysis"))
     for g in paired["generator"].unique() if len(paired) else []:
