@@ -19,7 +19,8 @@ Method (every length is a fraction of the image side, so one setting serves 64 p
    ``ruler_isolation`` above and below must hold under a third as many peaks in the chain's span and a mean
    response under a third of the ticks' height (a periodic texture, such as a GAN's checkerboard artefact, is as
    strong in every row). The longest such chain of at least ``ruler_min_ticks``
-   ticks is the ruler; an image without a ruler rarely has more than four such peaks in a row. Rulers at an angle to the image edges
+   ticks is the ruler; an image without a ruler rarely has more than four such peaks in a row. The outermost 3 %
+   of the image is left out (generators' padding artefacts line it with periodic specks). Rulers at an angle to the image edges
    are not found.
 2. **Skin reference**: the median CIELAB colour of a frame of width ``border_band`` around the image,
    ignoring near-black regions connected to the frame (L* < ``dark_lightness``: the dark corners of
@@ -193,11 +194,11 @@ def _longest_chain(peaks: np.ndarray, max_gap: float) -> slice:
 
 def _isolated(lines: np.ndarray, peaks_by_row: list, row: int, span: tuple[int, int], chain: int, height: float,
               offset: int) -> bool:
-    """A ruler is one line of ticks on plain skin. In the rows ``offset`` and ``offset`` + 1 above and below (both
-    phases of a 2-pixel period), the chain's span must hold under a third as many tick-like peaks, and its mean
-    black-hat response must stay under a third of the ticks' mean height. A periodic texture (a GAN's checkerboard
-    artefact, a weak diffusion model's noise) is as strong in every row and fails this."""
-    for other in (row - offset, row - offset - 1, row + offset, row + offset + 1):
+    """A ruler is one line of ticks on plain skin. In the four rows from ``offset`` on, above and below (every phase
+    of a pattern repeating every 2, 3 or 4 rows), the chain's span must hold under a third as many tick-like peaks,
+    and its mean black-hat response must stay under a third of the ticks' mean height. A periodic texture (a GAN's
+    checkerboard artefact, a weak diffusion model's noise) is as strong in such rows and fails this."""
+    for other in [row + sign * (offset + k) for sign in (-1, 1) for k in range(4)]:
         if not 0 <= other < len(lines):
             continue
         p = peaks_by_row[other]
@@ -211,7 +212,9 @@ def _isolated(lines: np.ndarray, peaks_by_row: list, row: int, span: tuple[int, 
 def detect_ruler(lightness: np.ndarray, exclude: np.ndarray, settings: SegmentationSettings) -> tuple[np.ndarray, int]:
     """Ruler ticks outside ``exclude`` (module docstring, step 1): (bool mask of the ticks, number of ticks)."""
     n = min(lightness.shape)
-    response = np.where(exclude, 0.0, blackhat(lightness, max(1.5, settings.ruler_kernel * n)))
+    # the outermost rows and columns are left out: padding artefacts of generators line them with periodic specks
+    ignore = exclude | border_frame(lightness.shape, max(2, int(round(0.03 * n))))
+    response = np.where(ignore, 0.0, blackhat(lightness, max(1.5, settings.ruler_kernel * n)))
     offset = max(2, int(round(settings.ruler_isolation * n)))
     best_ticks, best_mask = 0, np.zeros(lightness.shape, bool)
     for axis in (0, 1):
