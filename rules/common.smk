@@ -23,7 +23,7 @@ SHARDED_GENERATORS = [g for g in ("gan", "diffusion", "guided", "guided_noclf") 
 ALL_TARGETS = []
 SYNTH = "resources/synthetic"
 # a planted shortcut in the audited classifier's train images (cfaudit.data.shortcut; embedded data only)
-SHORTCUT_ON = config["dataset"]["source"] == "synthetic" and shortcut_enabled(config)
+SHORTCUT_ON = shortcut_enabled(config)  # validate_config refuses a cue on ISIC or folder data
 ISIC = "resources/isic"
 
 

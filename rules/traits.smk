@@ -134,7 +134,7 @@ rule traits:
         statistics=TRAITS["statistics"],
         figures=TRAITS["figures"],
         segmentation=TRAITS["segmentation"],
-        cue=config["dataset"]["synthetic"]["shortcut"]["cue"] if SHORTCUT_ON else "none",
+        cue=config["dataset"]["synthetic"]["shortcut"]["cue"],
     conda:
         CONDA_ENV
     log:

@@ -20,17 +20,10 @@ from PIL import Image
 
 from cfaudit.data.images import resize_square
 from cfaudit.runtime import derive_seed
+from cfaudit.traits.control import render_with_nuisances, traits_from_row
 
 CUES = ("ink", "ruler", "hair")
 CUE_COLUMNS = ["image_id", "label", "split", "cue", "had_cue", "has_cue"]
-
-
-def cue_of(row, cue: str) -> bool:
-    """Whether a metadata row (resources/synthetic/metadata.csv) carries ``cue``."""
-    value = row[cue]
-    if cue == "hair":
-        return int(value) > 0
-    return str(value).strip().lower() in ("true", "1")
 
 
 def assign_cues(index: pd.DataFrame, split: pd.DataFrame, metadata: pd.DataFrame, shortcut: dict, seed: int) -> pd.DataFrame:
@@ -46,7 +39,7 @@ def assign_cues(index: pd.DataFrame, split: pd.DataFrame, metadata: pd.DataFrame
     if missing:
         raise KeyError(f"{len(missing)} pack images are not in the synthetic metadata (e.g. {missing[:3]}); the "
                        "planted shortcut needs dataset.source: synthetic")
-    had = np.array([cue_of(meta.loc[i], cue) for i in ids])
+    had = np.array([bool(getattr(traits_from_row(meta.loc[i]), cue)) for i in ids])  # hair: a count
     side = ids.map(sides).fillna("unused").to_numpy()
     p = np.where(index["label"].to_numpy(int) == 1, shortcut["p_malignant"], shortcut["p_benign"])
     draw = np.random.default_rng(derive_seed(seed, "shortcut")).random(len(index)) < p
@@ -65,8 +58,6 @@ def nuisances_with_cue(traits, cue: str, present: bool, hair_count: int) -> dict
 def shortcut_pack(pack: np.ndarray, index: pd.DataFrame, cues: pd.DataFrame, metadata: pd.DataFrame, *, seed: int,
                   synth_size: int, hair_count: int, resize_mode: str, resample: str) -> np.ndarray:
     """A copy of ``pack`` whose rows whose cue changed are re-rendered with it (then resized as rule resize does)."""
-    from cfaudit.traits.control import render_with_nuisances, traits_from_row
-
     meta = metadata.set_index(metadata["image_id"].astype(str))
     out = pack.copy()
     size = pack.shape[1]

@@ -195,7 +195,8 @@ def segmentation_summary(features: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------- markdown
-def _fmt(x, nd=3):
+def fmt_number(x, nd=3):
+    """A number for the trait tables: nd decimals, scientific notation below 10^-nd or from 10^4, – for missing."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     if isinstance(x, (bool, np.bool_)):
@@ -241,7 +242,7 @@ def reconstruction_markdown(paired: pd.DataFrame, generator: str) -> list[str]:
                 continue
             r = cols[t].loc[f]
             star = " **\\***" if r["significant"] else ""
-            cells += [f"{_fmt(r['mean_diff'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]{star}", _fmt(r["p_holm"])]
+            cells += [f"{fmt_number(r['mean_diff'])} [{fmt_number(r['ci_low'])}, {fmt_number(r['ci_high'])}]{star}", fmt_number(r["p_holm"])]
         out.append(f"| {DESCRIPTIONS.get(f, f)} (`{f}`) | " + " | ".join(cells) + " |")
     return out + [""]
 
@@ -290,9 +291,9 @@ def ranked_markdown(paired: pd.DataFrame, label_stats: pd.DataFrame | None, alph
                 star = " **\\***" if row["significant"] else ""
                 out.append(
                     f"| {i + 1} | {DESCRIPTIONS.get(row['feature'], row['feature'])} (`{row['feature']}`){star} | {arrow} | "
-                    f"{_fmt(row['mean_diff'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}] | "
-                    f"{_fmt(row['anchor_mean'])} → {_fmt(row['cf_mean'])} | {_fmt(row['d_z'], 2)} | "
-                    f"{_fmt(row['rank_biserial'], 2)} | {_fmt(row['p_holm'])} | {_agrees(row, label_stats)} |")
+                    f"{fmt_number(row['mean_diff'])} [{fmt_number(row['ci_low'])}, {fmt_number(row['ci_high'])}] | "
+                    f"{fmt_number(row['anchor_mean'])} → {fmt_number(row['cf_mean'])} | {fmt_number(row['d_z'], 2)} | "
+                    f"{fmt_number(row['rank_biserial'], 2)} | {fmt_number(row['p_holm'])} | {_agrees(row, label_stats)} |")
             sig = r[r["significant"]]
             up = [f"`{f}`" for f in sig[sig["mean_diff"] > 0]["feature"]]
             down = [f"`{f}`" for f in sig[sig["mean_diff"] < 0]["feature"]]
@@ -309,8 +310,8 @@ def ranked_markdown(paired: pd.DataFrame, label_stats: pd.DataFrame | None, alph
         for row in ls.itertuples():
             arrow = "↑" if row.mean_diff > 0 else ("↓" if row.mean_diff < 0 else "=")
             star = " **\\***" if row.significant else ""
-            out.append(f"| {DESCRIPTIONS.get(row.feature, row.feature)} (`{row.feature}`){star} | {arrow} | {_fmt(row.benign_mean)} | "
-                       f"{_fmt(row.malignant_mean)} | {_fmt(row.mean_diff)} [{_fmt(row.ci_low)}, {_fmt(row.ci_high)}] | "
-                       f"{_fmt(row.cliffs_delta, 2)} | {_fmt(row.p_holm)} |")
+            out.append(f"| {DESCRIPTIONS.get(row.feature, row.feature)} (`{row.feature}`){star} | {arrow} | {fmt_number(row.benign_mean)} | "
+                       f"{fmt_number(row.malignant_mean)} | {fmt_number(row.mean_diff)} [{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}] | "
+                       f"{fmt_number(row.cliffs_delta, 2)} | {fmt_number(row.p_holm)} |")
         out.append("")
     return "\n".join(out) + "\n"

@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image
 from scipy import stats
 
+from cfaudit.traits.analysis import fmt_number
 from cfaudit.traits.features import ARTEFACT_FEATURES, FEATURES
 from cfaudit.traits.statistics import DIRECTION, ranked
 
@@ -99,10 +100,6 @@ def cue_effect(without: dict, with_cue: dict, roles: dict, train_data: dict, *, 
     return pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 
-def _num(x, digits: int = 3) -> str:
-    return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}g}"
-
-
 def ranking_line(paired: pd.DataFrame, generator: str, cue: str, top: int = 5) -> str:
     """A table row '| generator | traits | 1. `a` ↑*, 2. ... |' for the malignant-ward counterfactuals, the planted
     cue's traits marked."""
@@ -133,8 +130,8 @@ def artefact_markdown(paired: pd.DataFrame, table: pd.DataFrame, cue: str = "non
         star = " **\\***" if r.significant else ""
         mark = " (planted cue)" if r.planted else ""
         out.append(f"| {r.generator} | → {DIRECTION[r.target_label]} | `{r.feature}`{mark}{star} | {r.rank} of {r.n_traits} | "
-                   f"{_num(r.mean_diff)} [{_num(r.ci_low)}, {_num(r.ci_high)}] | {_num(r.p_holm)} | "
-                   f"{_num(r.originals_diff)} ({_num(r.originals_p_holm)}) |")
+                   f"{fmt_number(r.mean_diff)} [{fmt_number(r.ci_low)}, {fmt_number(r.ci_high)}] | {fmt_number(r.p_holm)} | "
+                   f"{fmt_number(r.originals_diff)} ({fmt_number(r.originals_p_holm)}) |")
     out.append("")
     if cue == "none":
         return out
@@ -149,8 +146,8 @@ def artefact_markdown(paired: pd.DataFrame, table: pd.DataFrame, cue: str = "non
                 "else changed; paired difference of each classifier's score (oracles only judge).", "",
                 "| classifier | role | trained on | anchors | score without → with | mean Δ [95% CI] | raised | p (Wilcoxon) |",
                 "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {e.classifier} | {e.role} | {e.train_data} | {e.n} | {_num(e.score_without)} → {_num(e.score_with)} | "
-                f"{_num(e.mean_delta)} [{_num(e.ci_low)}, {_num(e.ci_high)}] | {e.share_raised:.0%} | {_num(e.p_wilcoxon)} |"
+        out += [f"| {e.classifier} | {e.role} | {e.train_data} | {e.n} | {fmt_number(e.score_without)} → {fmt_number(e.score_with)} | "
+                f"{fmt_number(e.mean_delta)} [{fmt_number(e.ci_low)}, {fmt_number(e.ci_high)}] | {e.share_raised:.0%} | {fmt_number(e.p_wilcoxon)} |"
                 for e in effect.itertuples()]
         out.append("")
     return out
