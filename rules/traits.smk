@@ -13,8 +13,12 @@ TRAITS_CONTROL = TRAITS["positive_control"] and config["dataset"]["source"] == "
 TRAITS_GENERATORS = [g for g in config["counterfactuals"]["generators"] if g not in ("pgd", "guided_noclf")] + (
     ["planted_shift"] if TRAITS_CONTROL else []
 )
+# guided's prior alone (guided_noclf) is measured as the reference of ranked.md's 'against the prior alone' tables
+# (cfaudit.traits.statistics.VS_PRIOR), not analysed as a generator
+TRAITS_REFERENCES = ["guided_noclf"] if {"guided", "guided_noclf"} <= set(config["counterfactuals"]["generators"]) else []
+TRAITS_PARTS = [*TRAITS_GENERATORS, *TRAITS_REFERENCES]
 TRAITS_CF_INDEXES = {g: f"{TRAITS_DIR}/planted_shift/index.csv" if g == "planted_shift" else cf_index(g)
-                     for g in TRAITS_GENERATORS}
+                     for g in TRAITS_PARTS}
 TRAITS_FEATURES = {k: TRAITS[k] for k in ("originals", "segmentation", "colours", "skin")}
 TRAITS_CATEGORY = "5. Trait analysis"
 CUE_EFFECT = f"{TRAITS_DIR}/shortcut/cue_effect.csv"  # rule shortcut_cue_effect (rules/judges.smk: it needs the oracles)
@@ -54,7 +58,7 @@ rule traits_features:
         features=f"{TRAITS_DIR}/features/{{part}}.csv",
         prov=prov(f"{TRAITS_DIR}/features/{{part}}.csv"),
     wildcard_constraints:
-        part="|".join([ORIGINAL, *TRAITS_GENERATORS]),
+        part="|".join([ORIGINAL, *TRAITS_PARTS]),
     params:
         features=TRAITS_FEATURES,
     threads: job_threads("traits_features")
@@ -77,13 +81,13 @@ localrules:
 rule gather_traits_features:
     """features.csv: the anchors, each followed by its counterfactuals, then the other originals."""
     input:
-        parts=expand(rules.traits_features.output.features, part=[ORIGINAL, *TRAITS_GENERATORS]),
+        parts=expand(rules.traits_features.output.features, part=[ORIGINAL, *TRAITS_PARTS]),
         anchors=rules.anchors.output.anchors,
     output:
         features=f"{TRAITS_DIR}/features.csv",
         prov=prov(f"{TRAITS_DIR}/features.csv"),
     params:
-        generators=TRAITS_GENERATORS,
+        generators=TRAITS_PARTS,
     conda:
         CONDA_ENV
     log:

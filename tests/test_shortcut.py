@@ -65,6 +65,32 @@ def test_adding_ink_changes_only_the_corner_where_the_dot_goes():
                               rendered(dataclasses.replace(t, ink=False)))
 
 
+def test_ink_at_the_lesion_centre_is_the_same_dot_on_the_lesion():
+    for i in range(4):
+        t = traits(i, i % 2, ink=False)
+        base = render_with_nuisances(t, SEED, SYNTH, ruler=t.ruler, ink=False, hair=t.hair)
+        corner = render_with_nuisances(t, SEED, SYNTH, ruler=t.ruler, ink=True, hair=t.hair)
+        centre = render_with_nuisances(t, SEED, SYNTH, ruler=t.ruler, ink=True, hair=t.hair, ink_at_lesion_centre=True)
+        ys, xs = np.nonzero(np.abs(centre.astype(int) - base).max(-1) > 8)
+        rng = _advanced(t)  # the renderer's first draws: the lesion centre's offsets in 2x-supersampled pixels
+        cx, cy = SYNTH + rng.normal(0, 2 * SYNTH * 0.04), SYNTH + rng.normal(0, 2 * SYNTH * 0.04)
+        assert abs(xs.mean() - cx / 2) < 1.0 and abs(ys.mean() - cy / 2) < 1.0
+        n_corner = (np.abs(corner.astype(int) - base).max(-1) > 8).sum()
+        assert 0.7 < len(xs) / n_corner < 1.4  # the same dot
+        # nothing else moved: away from the dot the images are equal
+        far = np.hypot(*np.mgrid[0:SYNTH, 0:SYNTH][::-1] - np.array([cx / 2, cy / 2])[:, None, None]) > 0.1 * SYNTH  # radius 3.5 % + blur and Lanczos tails
+        assert np.array_equal(centre[far], base[far])
+
+
+def test_a_cue_is_only_placed_where_it_can_go():
+    from cfaudit.traits.shortcut import CUE_PLACEMENTS, cue_pair_images
+
+    assert CUE_PLACEMENTS["ink"] == ("as planted", "lesion centre")
+    with pytest.raises(ValueError, match="ruler.*lesion centre"):
+        cue_pair_images(pd.DataFrame({"image_id": []}), pd.DataFrame({"image_id": []}), "ruler", seed=1, synth_size=SYNTH,
+                        image_size=SIZE, hair_count=10, resize_mode="crop", resample="lanczos", placement="lesion centre")
+
+
 def test_adding_a_ruler_changes_only_the_bottom_band_and_hair_keeps_the_existing_hairs():
     t = traits(4, 1, ruler=False, ink=False, hair=2)
     base = render_with_nuisances(t, SEED, SYNTH, ruler=False, ink=False, hair=2)
@@ -179,7 +205,31 @@ def test_artefact_table_ranks_the_cue_among_traits_and_marks_it():
     assert "2. `ink` ↑\\* **(planted cue)**" in line and line.index("diameter") < line.index("ink")
     md = "\n".join(artefact_markdown(paired, table, "ink", None))
     assert "Planted shortcut: `ink`" in md and "`ink` (planted cue)" in md
+    assert "| kept (median) |" in md and md.count(" | – |") == len(table)  # no per-image features: nothing to keep
+    effect = pd.concat([cue_effect({"audited": np.zeros(4)}, {"audited": np.full(4, d)}, {"audited": "audited"},
+                                   {"audited": "shortcut"}, resamples=50, seed=1, placement=place)
+                        for place, d in (("as planted", 0.5), ("lesion centre", 0.1))])
+    md = "\n".join(artefact_markdown(paired, table, "ink", effect))
+    assert "| audited | audited | shortcut | as planted | 4 | 0.000 → 0.500 |" in md
+    assert "| audited | audited | shortcut | lesion centre | 4 | 0.000 → 0.100 |" in md
     assert "Planted shortcut" not in "\n".join(artefact_markdown(paired, artefact_table(paired, labels), "none"))
+
+
+def test_retention_counts_the_anchors_with_an_artefact_and_what_their_counterfactuals_keep():
+    from cfaudit.traits.shortcut import artefact_retention
+
+    ink = [0.004, 0.006, 0.0, 0.002]  # three anchors carry ink
+    rows = [{"image_id": f"A{i}", "role": "anchor", "anchor_id": f"A{i}", "generator": "original", "target_label": 0,
+             "hair": 0.0, "ink": v, "ruler": 20.0 * (i == 0), "ink_lesion": 0.0} for i, v in enumerate(ink)]
+    kept_to_malignant = [0.004, 0.0, 0.003, 0.0015]  # ratios 1, 0, (anchor without ink), 0.75
+    rows += [{"image_id": f"A{i}_to1", "role": "counterfactual", "anchor_id": f"A{i}", "generator": "g", "target_label": 1,
+              "hair": 0.0, "ink": v, "ruler": 0.0, "ink_lesion": 0.0} for i, v in enumerate(kept_to_malignant)]
+    table = artefact_retention(pd.DataFrame(rows)).set_index("feature")
+    assert table.at["ink", "anchors_with"] == 3
+    assert table.at["ink", "kept_median"] == pytest.approx(np.median([1.0, 0.0, 0.75]))
+    assert table.at["ink", "kept_half_share"] == pytest.approx(2 / 3)
+    assert table.at["ruler", "anchors_with"] == 1 and table.at["ruler", "kept_half_share"] == 0.0
+    assert table.at["hair", "anchors_with"] == 0 and np.isnan(table.at["hair", "kept_median"])
 
 
 def test_cue_effect_matches_an_independent_computation():
@@ -187,7 +237,9 @@ def test_cue_effect_matches_an_independent_computation():
     without = {"audited": rng.random(30), "oracle_a": rng.random(30)}
     with_cue = {"audited": without["audited"] + 0.3, "oracle_a": without["oracle_a"] + rng.normal(0, 0.1, 30)}
     table = cue_effect(without, with_cue, {"audited": "audited", "oracle_a": "oracle"},
-                       {"audited": "shortcut", "oracle_a": "clean"}, resamples=500, seed=1).set_index("classifier")
+                       {"audited": "shortcut", "oracle_a": "clean"}, resamples=500, seed=1,
+                       placement="lesion centre").set_index("classifier")
+    assert set(table["placement"]) == {"lesion centre"}
     d = with_cue["oracle_a"] - without["oracle_a"]
     assert table.at["oracle_a", "mean_delta"] == pytest.approx(d.mean())
     assert table.at["oracle_a", "p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
@@ -219,6 +271,9 @@ def test_only_the_classifiers_that_ask_for_it_train_on_the_shortcut_pack(tmp_pat
     oracle_inputs = {("sc" if "oracles/sc/" in o else "clean"): i for i, o in jobs["train_oracle"]}
     assert "shortcut/pack.npy" in oracle_inputs["sc"] and "shortcut" not in oracle_inputs["clean"]
     assert "shortcut_cue_effect" in jobs and "results/traits/shortcut/cue_effect.csv" in jobs["traits"][0][0]
+    # guided's prior alone is measured as the reference of the 'against the prior alone' tables, pgd is not
+    measured = [o for _, o in jobs["traits_features"]]
+    assert any("features/guided_noclf.csv" in o for o in measured) and not any("features/pgd.csv" in o for o in measured)
     tiny_config["dataset"]["synthetic"]["shortcut"] = {"cue": "none"}
     clean = run_snakemake(tmp_path, write_config(tmp_path / "clean.yaml", tiny_config), extra_args=["-n", "--forceall"])
     assert "shortcut_pack" not in clean.stdout and "shortcut_cue_effect" not in clean.stdout

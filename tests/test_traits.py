@@ -309,6 +309,43 @@ def test_paired_statistics_detect_a_known_shift_and_not_noise():
     assert again.equals(paired_statistics(feats, seed=1, resamples=500, feature_names=["diameter", "colour_sd", "hair"]))
 
 
+def test_vs_prior_keeps_only_what_the_classifier_added():
+    """'guided' = its prior alone ('guided_noclf', which grows every lesion by 0.05 toward either target) plus a
+    classifier push of +0.02 `colour_sd` toward malignant only. Against the prior only that push is left; the prior
+    is a reference, not an analysed generator."""
+    from cfaudit.traits.statistics import PRIOR_OF, VS_PRIOR
+
+    feats = constructed_features(n=30, shift=0.0, seed=5).assign(generator=lambda f: f["generator"].replace("g", "guided"))
+    cf = feats["role"] == "counterfactual"
+    rng = np.random.default_rng(2)
+    prior = feats[cf].assign(generator="guided_noclf", diameter=lambda f: f["diameter"] + 0.05,
+                             colour_sd=lambda f: f["colour_sd"] + rng.normal(0, 0.5, len(f)))
+    guided = prior.assign(generator="guided", colour_sd=lambda f: f["colour_sd"] + 2.0 * (f["target_label"] == 1)
+                          + rng.normal(0, 0.1, len(f)))
+    feats = pd.concat([feats[~cf], guided, prior], ignore_index=True)
+    feats["change_inside_share"] = np.where(feats["role"] == "counterfactual", 0.5, np.nan)
+    p = paired_statistics(feats, seed=1, resamples=300, feature_names=["diameter", "colour_sd", "change_inside_share"])
+    assert PRIOR_OF["guided"] == "guided_noclf" and set(p["generator"]) == {"guided"}
+    for t in (1, 0):
+        fam = p[(p["stratum"] == VS_PRIOR) & (p["target_label"] == t)].set_index("feature")
+        assert "change_inside_share" not in fam.index and fam.loc["diameter", "n"] == 30
+        g = guided[guided["target_label"] == t].set_index("anchor_id")
+        q = prior[prior["target_label"] == t].set_index("anchor_id").loc[g.index]
+        assert fam.loc["colour_sd", "mean_diff"] == pytest.approx((g["colour_sd"] - q["colour_sd"]).mean())
+        assert fam.loc["colour_sd", "significant"] == (t == 1)
+        assert fam.loc["diameter", "mean_diff"] == 0 and not fam.loc["diameter", "significant"]
+    vs_anchor = p[(p["stratum"] == "all") & (p["target_label"] == 0)].set_index("feature")
+    assert vs_anchor.loc["diameter", "significant"]  # against the anchor the prior's growth shows
+    from cfaudit.traits.analysis import prior_markdown
+    from cfaudit.traits.shortcut import ranking_line
+
+    md = prior_markdown(p, "guided")
+    assert md[0].startswith("### Against the prior alone") and md[6].startswith("| 1 | ") and "(`colour_sd`)" in md[6]
+    assert prior_markdown(p, "gan") == []
+    line = ranking_line(p, "guided", "none", stratum=VS_PRIOR)
+    assert line.startswith("| guided − guided_noclf (what the classifier added) | 2 | 1. `colour_sd` ↑\\*")
+
+
 def test_vs_reconstruction_cancels_a_label_blind_artefact():
     """Every regenerated image gets +0.05 'roughness' whatever the label (a regeneration artefact). Against the
     anchor the benign counterfactual looks rougher; against the same-label reconstruction only the label's effect
@@ -461,3 +498,12 @@ def test_learned_generator_moves_the_planted_traits(tmp_path, run_snakemake):
     # toward malignant, the anchor comparison agrees (adding irregularity is also what regeneration does)
     v = control_verdict(paired, "guided", "all")
     assert v[v["target_label"] == 1]["sign_ok"].all(), v
+
+
+def test_the_html_page_shows_escaped_stars_as_stars_not_backslashes():
+    from cfaudit.traits.stage import markdown_to_html
+
+    page = markdown_to_html("| trait | rank |\n|---|---|\n| `ruler` **\\*** | 1. `ink` ↑\\* |\n\nA **bold** word.", "t")
+    assert "\\" not in page
+    assert "<td><code>ruler</code> <b>&#42;</b></td>" in page and "<code>ink</code> ↑&#42;" in page
+    assert "<b>bold</b>" in page

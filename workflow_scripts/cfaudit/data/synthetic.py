@@ -114,7 +114,11 @@ def lesion_radius(theta: np.ndarray, t: Traits, rng_params: dict) -> np.ndarray:
     return ellipse * bulge * ripples
 
 
-def render(t: Traits, size: int, rng: np.random.Generator, supersample: int = 2) -> np.ndarray:
+# Images are drawn at SUPERSAMPLE x their size, blurred and downsampled (anti-aliased edges, ticks and hairs).
+SUPERSAMPLE = 2
+
+
+def render(t: Traits, size: int, rng: np.random.Generator, supersample: int = SUPERSAMPLE) -> np.ndarray:
     """Draw one image (uint8, size x size x 3) for the given traits."""
     n = size * supersample
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cfaudit.counterfactuals import image_path, index_rows, save_png
 from cfaudit.data.images import resize_square
-from cfaudit.data.synthetic import Traits, render, sample_traits
+from cfaudit.data.synthetic import SUPERSAMPLE, Traits, render, sample_traits
 
 GENERATOR = "planted_shift"
 DEFAULT_SHIFT = {"diameter": 0.08, "asymmetry": 0.35, "border": 0.35, "colours": True}
@@ -145,12 +145,15 @@ def _nuisance_segments(t: Traits, calls: list) -> dict:
             "hair": [hairs[i:i + step] for i in range(0, len(hairs), step)]}
 
 
-def render_with_nuisances(t: Traits, seed: int, synth_size: int, *, ruler: bool, ink: bool, hair: int) -> np.ndarray:
+def render_with_nuisances(t: Traits, seed: int, synth_size: int, *, ruler: bool, ink: bool, hair: int,
+                          ink_at_lesion_centre: bool = False) -> np.ndarray:
     """Re-render image ``t.image_id`` with the given ruler, ink and hair count and nothing else changed.
 
     The lesion and skin replay the image's own stream; a nuisance the image had keeps its position (the first
     ``hair`` of its hairs are kept); one it lacked is drawn from the image's cue stream
-    ``default_rng([seed, index, 1])``. With the image's own nuisances this reproduces it byte for byte."""
+    ``default_rng([seed, index, 1])``. With the image's own nuisances this reproduces it byte for byte.
+    ``ink_at_lesion_centre``: the ink dot (same colour and size) sits on the lesion's centre instead of the skin,
+    to tell a classifier that reacts to a marking on the skin from one that reacts to the colour anywhere."""
     lesion_n = _lesion_draws(t, seed, synth_size)
     original = _Recorder(_stream(t, seed))
     render(t, synth_size, original)
@@ -161,13 +164,24 @@ def render_with_nuisances(t: Traits, seed: int, synth_size: int, *, ruler: bool,
     render(everything, synth_size, extra)
     fresh = _nuisance_segments(everything, extra.calls[lesion_n:])
     hairs = (have["hair"] + fresh["hair"][len(have["hair"]):])[:hair]
-    script = (lesion + (have["ruler"] or fresh["ruler"]) * ruler + (have["ink"] or fresh["ink"]) * ink
+    ink_draws = _lesion_centre_draws(lesion, synth_size) if ink_at_lesion_centre else (have["ink"] or fresh["ink"])
+    script = (lesion + (have["ruler"] or fresh["ruler"]) * ruler + ink_draws * ink
               + [draw for strand in hairs for draw in strand])
     rec = _Recorder(None, replay_after=0, replay=script)
     img = render(dataclasses.replace(t, ruler=bool(ruler), ink=bool(ink), hair=int(hair)), synth_size, rec)
     if rec.replay:
         raise RuntimeError("nuisance replay left draws unused: update cfaudit.traits.control")
     return img
+
+
+def _lesion_centre_draws(lesion: list, synth_size: int) -> list:
+    """The ink dot's two draws (its centre as a fraction of the side) that put it on the lesion's centre: the
+    renderer's first two draws are the centre's offsets from the middle, in supersampled pixels."""
+    (kind_x, dx), (kind_y, dy) = lesion[:2]
+    if (kind_x, kind_y) != ("normal", "normal"):
+        raise RuntimeError("the synthetic renderer no longer draws the lesion centre first; update cfaudit.traits.control")
+    n = synth_size * SUPERSAMPLE
+    return [("uniform", 0.5 + dx / n), ("uniform", 0.5 + dy / n)]
 
 
 def planted_shift_counterfactuals(anchors: pd.DataFrame, metadata: pd.DataFrame, out_dir, *, seed: int,

@@ -92,7 +92,7 @@ def statistics_step(features_path, outputs: dict, *, seed: int, generators, stat
     labels = label_statistics(features, feature_names=[f for f in names if f in FEATURES], **st)
     write_csv(paired, outputs["paired"])
     write_csv(labels, outputs["labels"])
-    artefacts = artefact_table(paired, labels, cue)
+    artefacts = artefact_table(paired, labels, cue, features)
     write_csv(artefacts, outputs["artefacts"])
     effect = pd.read_csv(cue_effect_path) if cue_effect_path else None
     md = ranked_markdown(paired, labels, statistics["alpha"], features,
@@ -123,10 +123,10 @@ def statistics_step(features_path, outputs: dict, *, seed: int, generators, stat
 
 
 def _inline(text: str) -> str:
-    t = html.escape(text, quote=False)
+    """Bold, code and escaped stars (``**\\***`` is a bold star) of one markdown line, as HTML."""
+    t = html.escape(text, quote=False).replace("\\*", "&#42;")  # an escaped star is text, not emphasis
     t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    return t.replace("\\*", "*")
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
 
 
 def markdown_to_html(md: str, title: str) -> str:

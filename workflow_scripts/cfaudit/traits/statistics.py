@@ -21,6 +21,12 @@ settings: a reconstruction). Regenerating an image changes it whatever the label
 difference counterfactual − reconstruction keeps only what the change of label did. ``anchor_mean`` then holds the
 reconstructions' mean; ``change_inside_share`` (defined against the anchor) is not part of this family.
 
+Stratum ``vs_prior`` (generators in PRIOR_OF only: ``guided``): all anchors, and the reference is the generator's
+prior alone (``guided_noclf``: the same sampler, strength, mask, CFG and noise with the classifier-gradient scale 0)
+toward the same target. The difference keeps only what the audited classifier's gradient did — the regeneration
+and the class-conditional prior's own notion of each class cancel. ``anchor_mean`` then holds the prior's mean. The
+prior itself is measured (rule traits_features) but not analysed as a generator.
+
 Unpaired analysis of the originals (malignant vs benign): difference of means (malignant - benign) with a
 bootstrap CI (each class resampled separately), Cliff's delta (= rank-biserial of the Mann-Whitney U),
 Mann-Whitney U two-sided p-values, Holm across features.
@@ -46,6 +52,9 @@ LABEL_COLUMNS = ["stratum", "feature", "n_benign", "n_malignant", "benign_mean",
                  "resamples", "ci_level"]
 STRATA = {"all": None, "benign_anchors": 0, "malignant_anchors": 1}
 VS_RECONSTRUCTION = "vs_reconstruction"
+VS_PRIOR = "vs_prior"
+# generator -> its prior alone (the same sampler without the classifier): the reference of stratum vs_prior
+PRIOR_OF = {"guided": "guided_noclf"}
 CHANGE_SHARE = "change_inside_share"
 
 
@@ -126,12 +135,18 @@ def paired_frame(features: pd.DataFrame, generator: str, target: int, feature_na
     """Reference rows joined to the generator's target counterfactual rows: columns ``<f>_anchor``, ``<f>_cf``.
 
     reference ``anchor``: the anchor itself; ``reconstruction``: the generator's counterfactual of the same anchor
-    toward the other label (1 - target), for the anchors of label 1 - target (see the module docstring).
+    toward the other label (1 - target), for the anchors of label 1 - target; ``prior``: the counterfactual of the
+    generator's prior alone (PRIOR_OF) of the same anchor toward the same target (see the module docstring).
     """
-    gen_rows = features[(features["role"] == "counterfactual") & (features["generator"] == generator)]
+    counterfactuals = features[features["role"] == "counterfactual"]
+    gen_rows = counterfactuals[counterfactuals["generator"] == generator]
     if reference == "reconstruction":
         anchors = gen_rows[(gen_rows["target_label"] == 1 - target) & (gen_rows["anchor_label"] == 1 - target)]
         anchors = anchors.set_index("anchor_id")
+        feature_names = [f for f in feature_names if f != CHANGE_SHARE]
+    elif reference == "prior":
+        prior = counterfactuals[counterfactuals["generator"] == PRIOR_OF[generator]]
+        anchors = prior[prior["target_label"] == target].set_index("anchor_id")
         feature_names = [f for f in feature_names if f != CHANGE_SHARE]
     else:
         anchors = features[features["role"] == "anchor"].set_index("anchor_id")
@@ -163,8 +178,9 @@ def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 200
     """One row per (generator, target, stratum, feature); see the module docstring."""
     names = list(feature_names or FEATURES + [CHANGE_SHARE])
     cf = features[features["role"] == "counterfactual"]
+    present = set(cf["generator"].unique())
     rows = []
-    for generator in sorted(cf["generator"].unique()):
+    for generator in sorted(present - set(PRIOR_OF.values())):  # a prior is only a reference
         for target in (1, 0):
             pairs = paired_frame(features, generator, target, names, require_segmentation)
             strata = STRATA if by_anchor_label else {"all": None}
@@ -175,6 +191,10 @@ def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 200
                 rec = paired_frame(features, generator, target, names, require_segmentation, "reconstruction")
                 rec_names = [f for f in names if f != CHANGE_SHARE]
                 rows += _family_rows(rec, rec_names, generator, target, VS_RECONSTRUCTION, seed, resamples, ci_level, alpha)
+            if PRIOR_OF.get(generator) in present:
+                prior = paired_frame(features, generator, target, names, require_segmentation, "prior")
+                rows += _family_rows(prior, [f for f in names if f != CHANGE_SHARE], generator, target, VS_PRIOR, seed,
+                                     resamples, ci_level, alpha)
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
