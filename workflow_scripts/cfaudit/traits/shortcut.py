@@ -24,10 +24,11 @@ from cfaudit.traits.analysis import fmt_number
 from cfaudit.traits.features import ARTEFACT_FEATURES, FEATURES
 from cfaudit.traits.statistics import DIRECTION, PRIOR_OF, VS_PRIOR, ranked
 
-ARTEFACT_COLUMNS = ["generator", "target_label", "feature", "planted", "rank", "n_traits", "n", "mean_diff", "ci_low",
-                    "ci_high", "rank_biserial", "d_z", "p_holm", "significant", "originals_diff", "originals_p_holm",
-                    "originals_significant", "anchors_with", "kept_median", "kept_half_share"]
-RETENTION_COLUMNS = ["generator", "target_label", "feature", "anchors_with", "kept_median", "kept_half_share"]
+RETENTION_KEYS = ["generator", "target_label", "feature"]
+RETENTION_COLUMNS = [*RETENTION_KEYS, "anchors_with", "kept_median", "kept_half_share"]
+RANK_COLUMNS = [*RETENTION_KEYS, "planted", "rank", "n_traits", "n", "mean_diff", "ci_low", "ci_high", "rank_biserial",
+                "d_z", "p_holm", "significant", "originals_diff", "originals_p_holm", "originals_significant"]
+ARTEFACT_COLUMNS = RANK_COLUMNS + RETENTION_COLUMNS[len(RETENTION_KEYS):]
 # The traits that show a planted cue: the marking itself, and for ink also its colour painted into the lesion.
 CUE_FEATURES = {"ink": ("ink", "ink_lesion"), "ruler": ("ruler",), "hair": ("hair",), "none": ()}
 EFFECT_COLUMNS = ["classifier", "role", "train_data", "placement", "n", "score_without", "score_with", "mean_delta",
@@ -88,10 +89,9 @@ def artefact_table(paired: pd.DataFrame, label_stats: pd.DataFrame | None, cue: 
                              "originals_diff": np.nan if o is None else float(o["mean_diff"]),
                              "originals_p_holm": np.nan if o is None else float(o["p_holm"]),
                              "originals_significant": False if o is None else bool(o["significant"])})
-    table = pd.DataFrame(rows, columns=ARTEFACT_COLUMNS[:-3])
-    keys = ["generator", "target_label", "feature"]
+    table = pd.DataFrame(rows, columns=RANK_COLUMNS)
     kept = artefact_retention(features) if features is not None else pd.DataFrame(columns=RETENTION_COLUMNS)
-    return table.merge(kept.astype({"target_label": int}), on=keys, how="left")[ARTEFACT_COLUMNS]
+    return table.merge(kept.astype({"target_label": int}), on=RETENTION_KEYS, how="left")[ARTEFACT_COLUMNS]
 
 
 def cue_pair_images(anchors: pd.DataFrame, metadata: pd.DataFrame, cue: str, *, seed: int, synth_size: int,
@@ -114,6 +114,20 @@ def cue_pair_images(anchors: pd.DataFrame, metadata: pd.DataFrame, cue: str, *, 
                                         ink_at_lesion_centre=present and placement == "lesion centre")
             out[present].append(np.asarray(resize_square(Image.fromarray(img, "RGB"), image_size, resize_mode, resample)))
     return np.stack(out[False]), np.stack(out[True])
+
+
+def cue_effect_table(score: dict, anchors: pd.DataFrame, metadata: pd.DataFrame, cue: str, roles: dict,
+                     train_data: dict, *, render: dict, resamples: int, seed: int, level: float = 0.95) -> pd.DataFrame:
+    """:func:`cue_effect` for every placement of ``cue`` (CUE_PLACEMENTS), one table. ``score``: {classifier: a
+    function of uint8 images -> scores}; ``render``: the keyword arguments of :func:`cue_pair_images` but the
+    placement (seed, synth_size, image_size, hair_count, resize_mode, resample)."""
+    tables = []
+    for placement in CUE_PLACEMENTS[cue]:
+        without, with_cue = cue_pair_images(anchors, metadata, cue, placement=placement, **render)
+        tables.append(cue_effect({name: f(without) for name, f in score.items()},
+                                 {name: f(with_cue) for name, f in score.items()}, roles, train_data,
+                                 resamples=resamples, seed=seed, level=level, placement=placement))
+    return pd.concat(tables, ignore_index=True)
 
 
 def cue_effect(without: dict, with_cue: dict, roles: dict, train_data: dict, *, resamples: int, seed: int,

@@ -179,6 +179,7 @@ def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 200
     names = list(feature_names or FEATURES + [CHANGE_SHARE])
     cf = features[features["role"] == "counterfactual"]
     present = set(cf["generator"].unique())
+    ref_names = [f for f in names if f != CHANGE_SHARE]  # the families against another counterfactual
     rows = []
     for generator in sorted(present - set(PRIOR_OF.values())):  # a prior is only a reference
         for target in (1, 0):
@@ -189,12 +190,10 @@ def paired_statistics(features: pd.DataFrame, *, seed: int, resamples: int = 200
                 rows += _family_rows(sub, names, generator, target, stratum, seed, resamples, ci_level, alpha)
             if by_anchor_label:
                 rec = paired_frame(features, generator, target, names, require_segmentation, "reconstruction")
-                rec_names = [f for f in names if f != CHANGE_SHARE]
-                rows += _family_rows(rec, rec_names, generator, target, VS_RECONSTRUCTION, seed, resamples, ci_level, alpha)
+                rows += _family_rows(rec, ref_names, generator, target, VS_RECONSTRUCTION, seed, resamples, ci_level, alpha)
             if PRIOR_OF.get(generator) in present:
                 prior = paired_frame(features, generator, target, names, require_segmentation, "prior")
-                rows += _family_rows(prior, [f for f in names if f != CHANGE_SHARE], generator, target, VS_PRIOR, seed,
-                                     resamples, ci_level, alpha)
+                rows += _family_rows(prior, ref_names, generator, target, VS_PRIOR, seed, resamples, ci_level, alpha)
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
