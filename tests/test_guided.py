@@ -205,6 +205,100 @@ def test_guide_until_leaves_an_unguided_tail():
     assert not torch.equal(trace_half[-(-n // 2) - 1]["x"], trace_none[-(-n // 2) - 1]["x"])
 
 
+class TopLeft(nn.Module):
+    """A classifier body that sees only the top-left quarter of its input (its gradient is zero elsewhere)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        h, w = x.shape[2] // 2, x.shape[3] // 2
+        return self.net(x[:, :, :h, :w])
+
+
+class LabelBlind(nn.Module):
+    """A denoiser that ignores the class label (every label, the null one included, is read as class 0)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y):
+        return self.model(x, t, torch.zeros_like(y))
+
+
+class ClassPatch(nn.Module):
+    """A denoiser whose class 1 differs from class 0 (and the null label) in one square only (rows/cols 10..13)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y):
+        patch = torch.zeros_like(x)
+        patch[:, :, 10:14, 10:14] = 0.5
+        return self.model(x, t, torch.zeros_like(y)) + (y == 1).float().view(-1, 1, 1, 1) * patch
+
+
+OTHER_CLASS_MASK = {"enabled": True, "threshold": 0.1, "dilation": 1, "start": 0.25, "reference": "other_class"}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmsolver"])
+def test_mask_against_the_other_class_is_the_anchor_where_nothing_depends_on_the_class(sampler):
+    """mask.reference other_class: the reference chain shares the start, the noise and the sampler state, so when
+    neither the classifier term nor the class label changes anything the image is the anchor itself (what the
+    prior redraws regardless of the class is not a change); with a class-aware model the target's own changes stay."""
+    model, _ = tiny_unet()
+    sched, a, tg, seeds = LinearSchedule(T), anchors(3), torch.tensor([1, 0, 1]), [7, 8, 9]
+    cfg = base_cfg(sampler=sampler, mask=OTHER_CLASS_MASK, cfg_guidance=3.0)
+    out, info, _ = guided_sample(LabelBlind(model), sched, tiny_classifier(), a, tg, seeds, cfg, 0.0)
+    assert torch.equal(out, a) and (info["mask_fraction"] == 0).all()
+    aware, info, _ = guided_sample(ClassPatch(model), sched, tiny_classifier(), a, tg, seeds, cfg, 0.0)
+    change = (aware - a).abs().sum(1)
+    assert (info["mask_fraction"] > 0).all() and (change.flatten(1).sum(1) > 0).all()
+    assert change[:, 8:, 8:].sum() / change.sum() > 0.9  # around the square where the classes differ
+
+
+def test_mask_against_the_other_class_keeps_the_change_where_the_classifier_looks():
+    """With a class-blind prior and a classifier that sees only the top-left quarter, the change against the other
+    class stays mostly there; the anchor-referenced mask also keeps what the prior redrew everywhere else."""
+    model, _ = tiny_unet()
+    model = LabelBlind(model)
+    sched, a, tg, seeds = LinearSchedule(T), anchors(3), torch.tensor([1, 0, 1]), [7, 8, 9]
+    clf = tiny_classifier()
+    clf.net = TopLeft(clf.net)
+    vs_other, info_o, _ = guided_sample(model, sched, clf, a, tg, seeds, base_cfg(mask=OTHER_CLASS_MASK), 0.3)
+    vs_anchor, info_a, _ = guided_sample(model, sched, clf, a, tg, seeds,
+                                         base_cfg(mask={**OTHER_CLASS_MASK, "reference": "anchor"}), 0.3)
+    change, h = (vs_other - a).abs().sum(1), SIZE // 2
+    far = (slice(None), slice(h + 2, None), slice(h + 2, None))  # the bottom-right, 2 px beyond the quarter
+    # the tiny random UNet carries a change across the whole 16-px image, so "most of it", not "all of it"
+    assert change.sum() > 0 and change[:, :h, :h].sum() / change.sum() > 0.5
+    assert (info_o["mask_fraction"] < info_a["mask_fraction"]).all()
+    assert change[far].sum() < 0.5 * (vs_anchor - a).abs().sum(1)[far].sum()
+    with torch.no_grad():  # the classifier's part survives: the target is more likely than in the anchor itself
+        assert (target_log_prob(clf(vs_other), tg, 1) > target_log_prob(clf(a), tg, 1)).all()
+
+
+def test_mask_against_the_other_class_takes_in_what_the_classifier_pushes():
+    """Masked from the first step with a class-blind prior, the two chains agree everywhere, so only the
+    classifier's push can open the mask: the image changes where the classifier looks, toward the target."""
+    model, _ = tiny_unet()
+    sched, a, tg, seeds = LinearSchedule(T), anchors(3), torch.tensor([1, 0, 1]), [7, 8, 9]
+    clf = tiny_classifier()
+    clf.net = TopLeft(clf.net)
+    cfg = base_cfg(mask={**OTHER_CLASS_MASK, "start": 0.0}, normalize_gradient="max")
+    out, info, _ = guided_sample(LabelBlind(model), sched, clf, a, tg, seeds, cfg, 0.3)
+    change, h = (out - a).abs().sum(1), SIZE // 2
+    assert (change.flatten(1).sum(1) > 0).all() and (info["mask_fraction"] < 0.9).all()
+    assert change[:, :h, :h].sum() / change.sum() > 0.5
+    with torch.no_grad():
+        assert (target_log_prob(clf(out), tg, 1) > target_log_prob(clf(a), tg, 1)).all()
+    blind, info0, _ = guided_sample(LabelBlind(model), sched, clf, a, tg, seeds, cfg, 0.0)
+    assert torch.equal(blind, a) and (info0["mask_fraction"] == 0).all()
+
+
 PROJECT = {"enabled": True, "strength": 0.4, "steps": 3, "threshold": 0.15, "dilation": 1}
 
 
@@ -452,3 +546,5 @@ def test_config_section_validates_and_names_bad_keys(repo_root):
         load_config(repo_root / "config.yaml", overrides={"guided": {"scale": [1.0]}})
     with pytest.raises(ConfigError, match="guided.mask"):
         load_config(repo_root / "config.yaml", overrides={"guided": {"mask": {"enabled": "yes"}}})
+    with pytest.raises(ConfigError, match="guided.mask.reference"):
+        load_config(repo_root / "config.yaml", overrides={"guided": {"mask": {"reference": "prior"}}})

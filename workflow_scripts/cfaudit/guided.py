@@ -16,9 +16,14 @@ every retry share it):
    is moved by ``-scale * c * g``: ``c = sqrt(abar_t')`` for ``scale_mode: fixed`` (the clean content of x_t'
    moves by -scale g) or ``c = 1 - abar_t / abar_t'`` for ``variance`` (the step's fixed_large variance Sigma;
    for ddpm exactly beta_t: DiME's ``mu - s Sigma g``).
-4. Mask (optional, from step ``mask.start`` on): ``m = dilate(mean_c |x0 - a| > threshold)``; outside it
+4. Mask (optional, from step ``mask.start`` on): ``m = dilate(mean_c |x0 - r| > threshold)``; outside it
    ``x_t' = q_sample(a, t', n0)`` (the anchor's own noising path with the fixed starting noise; the anchor itself
-   at the end), so the final image equals the anchor wherever the mask is 0.
+   at the end), so the final image equals the anchor wherever the mask is 0. The reference r is the anchor
+   (``mask.reference: anchor``, MaskDiME) or (``other_class``) the estimate of a second chain run alongside with
+   the same start, sampler, noise and mask, CFG toward the *other* class and no classifier term (DiffEdit's
+   contrast of two conditionings, Couairon et al., ICLR 2023). With ``anchor`` whatever the prior redraws
+   differently from the anchor is kept — including the erasure of a small mark it cannot render; with
+   ``other_class`` only what the target class and the classifier's gradient change is, the anchor elsewhere.
 5. Early stop: once the classifier's score of the estimate x0 is past its threshold with ``margin`` on the target
    side, that image's classifier guidance stops; it then finishes with plain (CFG + mask) denoising, or
    (``finish: x0``) returns that estimate. With ``resume`` (finish denoise) the stopped image's estimate is still
@@ -144,6 +149,18 @@ def shift_coefficient(schedule: LinearSchedule, t: int, t_prev: int, mode: str) 
     return 1.0 - ab_t / ab_prev
 
 
+def shared_draw(draw):
+    """A noise function whose first call draws from ``draw`` and whose later calls return that same draw: the
+    guided chain and the reference chain of ``mask.reference`` take one step with the same noise."""
+    drawn = []
+
+    def once():
+        if not drawn:
+            drawn.append(draw())
+        return drawn[0]
+    return once
+
+
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th of the 8 symmetries of the square (k % 4 quarter turns, then a horizontal flip for k >= 4)."""
     y = torch.rot90(x, k % 4, dims=(2, 3))
@@ -250,6 +267,14 @@ class GuidedRun:
         self.smp.reset()
         self.noise_fn = noise.draw if self.smp.stochastic else None
         self.mask_from = int(math.floor(float(cfg["mask"]["start"]) * len(self.ts)))
+        # mask.reference other_class: a chain toward the other class without the classifier term runs alongside
+        # (its own sampler state, the same start, noise and mask); the mask is where its estimate and the guided one
+        # differ (DiffEdit's contrast of two conditionings)
+        self.ref = None
+        if cfg["mask"].get("reference", "anchor") == "other_class":
+            self.ref = {"x": self.x_start.clone(), "smp": make_sampler(cfg["sampler"], schedule, cfg["steps"]),
+                        "labels": 1 - self.targets}
+            self.ref["smp"].reset()
         self.guide_until = int(math.ceil(float(cfg.get("guide_until", 1.0)) * len(self.ts)))  # steps that may be guided
         self.seeds = list(seeds)
         ecfg = cfg["early_stop"]
@@ -262,17 +287,18 @@ class GuidedRun:
         self.out = torch.empty_like(self.a)
 
     @torch.no_grad()
-    def estimate(self, x: torch.Tensor, t: int):
-        """2. The CFG eps toward the targets, the model's class direction eps(y) - eps(null) (``consensus`` only, else
-        None) and the clamped one-step clean estimate x0."""
+    def estimate(self, x: torch.Tensor, t: int, labels: torch.Tensor | None = None):
+        """2. The CFG eps toward ``labels`` (the targets by default), the model's class direction eps(y) - eps(null)
+        (``consensus`` only, else None) and the clamped one-step clean estimate x0."""
         w = float(self.cfg["cfg_guidance"])
         args = (self.amp_dtype, self.channels_last)
+        labels = self.targets if labels is None else labels
         if self.cfg["consensus"]:
-            e_c = guided_eps(self.model, x, t, self.targets, 0.0, *args)
-            e_u = guided_eps(self.model, x, t, torch.full_like(self.targets, NULL_LABEL), 0.0, *args)
+            e_c = guided_eps(self.model, x, t, labels, 0.0, *args)
+            e_u = guided_eps(self.model, x, t, torch.full_like(labels, NULL_LABEL), 0.0, *args)
             eps, direction = (1.0 + w) * e_c - w * e_u, e_c - e_u
         else:
-            eps, direction = guided_eps(self.model, x, t, self.targets, w, *args), None
+            eps, direction = guided_eps(self.model, x, t, labels, w, *args), None
         ab = float(self.schedule.alpha_bar[t])
         return eps, direction, ((x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)).clamp(-1.0, 1.0)
 
@@ -334,25 +360,56 @@ class GuidedRun:
             self.frozen[stop] = True
         return ~self.paused[idx]
 
+    def contrast_term(self, i: int, x: torch.Tensor, t: int, t_prev: int, x0: torch.Tensor, x0_r: torch.Tensor,
+                      direction, masked: bool):
+        """4. + 2. with ``mask.reference: other_class``: (mask, classifier gradient, guided pairs).
+
+        The classifier sees the image this step leads to — the estimate inside the contrast mask m0 (where it
+        differs from the other class's estimate x0_r), the anchor outside — and the mask then also takes in where
+        its push ``scale * g`` (in clean-image units) moves the estimate past the threshold. Without that, a
+        detail that both chains redraw alike (a small mark the prior cannot render) stays the anchor's for good,
+        and a classifier that needs it gone could never have it removed."""
+        thr, dil = float(self.cfg["mask"]["threshold"]), int(self.cfg["mask"]["dilation"])
+        m0 = change_mask(x0, x0_r, thr, dil) if masked else None
+        seen = x0 if m0 is None else m0 * x0 + (1.0 - m0) * self.a
+        g, idx = self.classifier_term(i, x, t, seen, direction, m0)
+        if m0 is None or not len(idx):
+            return m0, g, idx
+        ab_prev = float(self.schedule.alpha_bar[t_prev]) if t_prev > 0 else 1.0
+        push = self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"]) / math.sqrt(ab_prev)
+        return torch.maximum(m0, change_mask(x0 - push * g, x0_r, thr, dil)), g, idx
+
     def step(self, i: int, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         """One step t -> t' of every pair: estimate, mask (4.), classifier term, the sampler's step moved by
-        ``-scale * c * g`` (3.), the anchor's path outside the mask; returns x_t'."""
+        ``-scale * c * g`` (3.), the anchor's path outside the mask; returns x_t'. With a reference chain
+        (``mask.reference: other_class``) it takes the same step toward the other class without the classifier term
+        and with the same mask."""
         ts, mcfg = self.ts, self.cfg["mask"]
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else 0)
         eps, direction, x0 = self.estimate(x, t)
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
-        m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
-        g, idx = self.classifier_term(i, x, t, x0, direction, m)
+        eps_r = None
+        if self.ref is None:
+            m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
+            g, idx = self.classifier_term(i, x, t, x0, direction, m)
+        else:
+            eps_r, x0_r = self.estimate(self.ref["x"], t, self.ref["labels"])[::2]
+            m, g, idx = self.contrast_term(i, x, t, t_prev, x0, x0_r, direction, masked)
         with torch.no_grad():
-            x_next = self.smp.step(x, eps, i, ts, self.noise_fn)
+            noise_fn = shared_draw(self.noise_fn) if self.noise_fn is not None else None
+            x_next = self.smp.step(x, eps, i, ts, noise_fn)
             if len(idx):
                 x_next = x_next - (self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"])) * g
+            xr_next = self.ref["smp"].step(self.ref["x"], eps_r, i, ts, noise_fn) if self.ref else None
             path = None
             if m is not None:
                 path = anchor_path(self.schedule, self.a, t_prev, self.n0)
                 x_next = m * x_next + (1.0 - m) * path
+                xr_next = None if xr_next is None else m * xr_next + (1.0 - m) * path
                 live = ~self.frozen
                 self.mask_frac[live] = m[live].flatten(1).mean(1)
+            if self.ref:
+                self.ref["x"] = xr_next
         if trace is not None:
             trace.append({"t": t, "t_prev": t_prev, "x": x_next.detach().clone(), "mask": None if m is None else m.clone(),
                           "path": None if path is None else path.clone()})
