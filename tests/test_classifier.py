@@ -92,6 +92,20 @@ def test_changed_weights_after_spec_fail(deepderm_file, tmp_path):
         C.load_classifier(path)
 
 
+def test_relative_weights_resolve_in_the_spec_own_run_not_the_current_directory(tmp_path, monkeypatch):
+    """A spec read from another run (the ceiling tool's --directory, a test after `make demo`) finds its own run's
+    weights even when the current directory holds a file at the same relative path."""
+    rel = Path("results/classifier/trained/model.pt")
+    for run in ("here", "other"):
+        (tmp_path / run / rel).parent.mkdir(parents=True)
+        (tmp_path / run / rel).write_bytes(run.encode())
+    monkeypatch.chdir(tmp_path / "here")
+    spec = {"weights": str(rel)}
+    other_spec = tmp_path / "other/results/classifier/classifier.json"
+    assert C._resolve_weights(spec, other_spec) == tmp_path / "other" / rel
+    assert C._resolve_weights(spec, Path("results/classifier/classifier.json")).read_bytes() == b"here"
+
+
 def calibrated(net: torch.nn.Module, seed: int = 4) -> torch.nn.Module:
     """A copy whose batch-norm statistics come from real activations, so that the random network's
     output depends on its input (with arbitrary running stats it is almost constant)."""

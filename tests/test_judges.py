@@ -196,6 +196,53 @@ def test_verdict_follows_the_numbers():
     assert J.verdict("diffusion", None, 1, 0, 0, 0.5).startswith("undecided")
 
 
+def _long_row(gen, direction, metric, judge, estimate, n=10):
+    return {"generator": gen, "direction": direction, "metric": metric, "judge": judge, "estimate": estimate,
+            "ci_low": math.nan, "ci_high": math.nan, "n": n, "interval": "", "note": ""}
+
+
+def test_criteria_table_checks_guided_against_each_baseline_by_its_own_rule():
+    """Each check of the guided generator against the GAN, SDEdit and PGD reads its own numbers: flip rates per
+    direction, pooled L1/gamut (weighted by n), survival averaged over the transforms, the realism FD; 'above PGD'
+    needs the paired interval above 0, the others compare estimates."""
+    from cfaudit.judges_stage import criteria_table
+
+    flips = {"guided": (0.5, 0.6), "gan": (0.4, 0.7), "pgd": (0.3, 0.5), "diffusion": (0.2, 0.2)}
+    pixels = {"guided": (0.01, 0.03), "gan": (0.02, 0.01)}  # (L1, out-of-gamut) per direction, equal n
+    rows = []
+    for gen, (b2m, m2b) in flips.items():
+        rows += [_long_row(gen, "b2m", "oracle flip rate", "mean of oracles", b2m),
+                 _long_row(gen, "m2b", "oracle flip rate", "mean of oracles", m2b),
+                 _long_row(gen, "both", "oracle-feature FD", "realism", {"guided": 50, "gan": 60}.get(gen, 40))]
+    for gen, (l1, oog) in pixels.items():
+        for d, n in (("b2m", 30), ("m2b", 10)):
+            rows += [_long_row(gen, d, "L1 to the anchor", "pixels", l1 * (2 if d == "m2b" else 1), n),
+                     _long_row(gen, d, "out-of-gamut share", "pixels", oog, n)]
+        for t, s in zip(J.TRANSFORMS, (0.9, 1.0, 0.8) if gen == "guided" else (0.9, 0.9, 0.9)):
+            rows += [_long_row(gen, d, f"flip survival ({t})", "audited", s) for d in J.DIRECTIONS]
+    long = pd.DataFrame(rows)
+    diffs = pd.DataFrame([
+        {"a": "guided", "b": "pgd", "direction": "b2m", "metric": "mean oracle flip rate", "estimate": 0.2,
+         "ci_low": 0.05, "ci_high": 0.35, "n": 10, "interval": "bootstrap"},
+        {"a": "guided", "b": "pgd", "direction": "m2b", "metric": "mean oracle flip rate", "estimate": 0.1,
+         "ci_low": -0.1, "ci_high": 0.3, "n": 10, "interval": "bootstrap"}])
+    table = criteria_table(long, diffs, ["gan", "diffusion", "guided", "pgd"])
+    met = dict(zip(zip(table["criterion"], table["direction"]), table["met"]))
+    assert met[("oracle flip rate ≥ the GAN's", "b→m")] == "yes" and met[("oracle flip rate ≥ the GAN's", "m→b")] == "no"
+    assert met[("oracle flip rate above PGD's (interval above 0)", "b→m")] == "yes"
+    assert met[("oracle flip rate above PGD's (interval above 0)", "m→b")] == "no"  # 0.6 > 0.5, interval includes 0
+    assert met[("realism FD ≤ the GAN's", "both")] == "yes" and met[("realism FD ≤ SDEdit's", "both")] == "no"
+    # L1 pooled with weights 30/10: guided 0.0125 vs gan 0.025; gamut 0.03 vs 0.01; survival 0.9 vs 0.9 (a tie)
+    row = table[table["criterion"] == "L1 to the anchor ≤ the GAN's"].iloc[0]
+    assert (float(row["guided"]), float(row["other"]), row["met"]) == (0.0125, 0.025, "yes")
+    assert met[("out-of-gamut share ≤ the GAN's", "both")] == "no"
+    assert met[("flip survival ≥ the GAN's", "both")] == "yes"
+    assert table[table["criterion"].str.startswith("oracle flip rate ≥")]["paired difference [95 % CI]"].eq("—").all()
+    # without the GAN its checks are left out; without guided there is nothing to check
+    assert not criteria_table(long, diffs, ["diffusion", "guided", "pgd"])["criterion"].str.contains("GAN").any()
+    assert criteria_table(long, diffs, ["gan", "pgd"]).empty
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PGD
 # ----------------------------------------------------------------------------------------------------------
@@ -406,6 +453,10 @@ def test_judges_stage_end_to_end_on_a_tiny_run(all_stages_run):
     assert "judge-feature FD" in set(diffs["metric"])
     html = (res / "metrics/judges.html").read_text()
     assert "Are the counterfactuals semantic?" in html and "control: PGD" in html and "Paired differences" in html
+    md = (res / "metrics/judges.md").read_text()
+    for page in (html, md):  # the checks of guided against the GAN, SDEdit and PGD, one row each
+        assert "Does guided beat the baselines on every independent check?" in page
+        assert page.count("oracle flip rate above PGD") == 2 and "flip survival ≥ the GAN" in page
     table1 = pd.read_csv(res / "metrics/table1.csv")
     assert table1["metric"].str.startswith("oracle flip rate b→m [r34]").any()
     assert table1["metric"].str.startswith("transfer ratio").any()

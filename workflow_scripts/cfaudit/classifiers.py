@@ -362,10 +362,13 @@ def read_spec(spec_path: str | os.PathLike) -> dict:
 
 
 def _resolve_weights(spec: dict, spec_path: Path) -> Path:
+    """The weights file of a spec. A relative path is relative to the workflow directory the spec was written in
+    (the spec sits in <workdir>/results/...), so the spec's own run is searched first, nearest directory first:
+    a spec read from another directory (``python -m cfaudit.ceiling --directory RUN`` after ``make demo``) must
+    not pick up the current directory's file of the same name."""
     w = Path(spec["weights"])
-    if w.is_absolute() or w.exists():
+    if w.is_absolute():
         return w
-    # A relative path is relative to the workflow directory; the spec sits in <workdir>/results/classifier/.
     for base in spec_path.resolve().parents:
         if (base / w).exists():
             return base / w

@@ -5,7 +5,7 @@
   of the change.
 * :func:`make_judges` (rule judges): "Are the counterfactuals semantic?": per generator and direction the audited
   and oracle flip rates, transfer, survival, gamut, realism and closeness, paired differences between generators,
-  and a verdict per generator.
+  a verdict per generator, and the checks of guided against the GAN, SDEdit and PGD (:func:`criteria_table`).
 """
 
 from __future__ import annotations
@@ -238,6 +238,24 @@ def _pooled(rows: pd.DataFrame, gen: str, metric: str, judge: str) -> float:
     return float(np.average(r["estimate"], weights=r["n"])) if len(r) else math.nan
 
 
+def _fd_metric(long: pd.DataFrame) -> str | None:
+    """The realism rule's FD metric name in ``long`` (oracle-feature FD, or FID when pytorch-fid ran)."""
+    return next((m for m in long["metric"].unique() if str(m).endswith("FD") or m == "FID"), None)
+
+
+def generator_numbers(long: pd.DataFrame, gen: str) -> dict:
+    """The pooled numbers the summary and the criteria compare: survival (mean over transforms of the audited
+    flips' survival), out-of-gamut share, HF ratio, L1 (both directions, weighted by n) and the realism FD."""
+    fd_metric = _fd_metric(long)
+    fd = long[(long["generator"] == gen) & (long["metric"] == fd_metric) & (long["judge"] == "realism")]
+    surv = [_pooled(long, gen, f"flip survival ({t})", "audited") for t in J.TRANSFORMS]
+    return {"survival": float(np.nanmean(surv)) if np.isfinite(surv).any() else math.nan,
+            "out-of-gamut": _pooled(long, gen, "out-of-gamut share", "pixels"),
+            "HF ratio": _pooled(long, gen, "high-frequency ratio", "pixels"),
+            "L1": _pooled(long, gen, "L1 to the anchor", "pixels"),
+            "FD": float(fd["estimate"].iloc[0]) if len(fd) else math.nan}
+
+
 def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str],
                   full_fd: dict | None = None) -> pd.DataFrame:
     """One row per generator: the numbers a reader compares, and the verdict. ``full_fd``: {generator: FD of all
@@ -254,29 +272,82 @@ def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]
         return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
     real_oog = _pooled(long, ORIGINAL, "out-of-gamut share", "pixels")
-    fd_metric = next((m for m in long["metric"].unique() if str(m).endswith("FD") or m == "FID"), None)
+    fd_metric = _fd_metric(long)
     out = []
     for gen in generators:
         pgd = diffs[(diffs["a"] == gen) & (diffs["b"] == "pgd") & (diffs["direction"] == "both")
                     & (diffs["metric"] == "mean oracle flip rate")] if len(diffs) else diffs
         vs_pgd = pgd.iloc[0].to_dict() if len(pgd) else None
-        surv = np.nanmean([_pooled(long, gen, f"flip survival ({t})", "audited") for t in J.TRANSFORMS])
-        oog = _pooled(long, gen, "out-of-gamut share", "pixels")
+        num = generator_numbers(long, gen)
         oracle = _pooled(long, gen, "oracle flip rate", "mean of oracles")
         row = {"generator": gen}
         for d, arrow in (("b2m", "b→m"), ("m2b", "m→b")):
             row[f"audited flip {arrow}"] = est(gen, d, "audited flip rate", "audited")
             row[f"oracle flip {arrow}"] = est(gen, d, "oracle flip rate", "mean of oracles")
-        row["survival (mean of 3)"] = f"{surv:.2f}" if np.isfinite(surv) else "n/a"
-        row["out-of-gamut"] = f"{oog:.3f}" if np.isfinite(oog) else "n/a"
-        row["HF ratio"] = f"{_pooled(long, gen, 'high-frequency ratio', 'pixels'):.2f}"
+        row["survival (mean of 3)"] = f"{num['survival']:.2f}" if np.isfinite(num["survival"]) else "n/a"
+        row["out-of-gamut"] = f"{num['out-of-gamut']:.3f}" if np.isfinite(num["out-of-gamut"]) else "n/a"
+        row["HF ratio"] = f"{num['HF ratio']:.2f}"
         row[fd_metric or "FD"] = est(gen, "both", fd_metric, "realism") if fd_metric else "—"
         if full_fd is not None:
             row["FD, all images"] = f"{full_fd[gen]:.3g}" if gen in full_fd else "—"
-        row["L1"] = f"{_pooled(long, gen, 'L1 to the anchor', 'pixels'):.4f}"
-        row["verdict"] = J.verdict(gen, vs_pgd, surv, oog, real_oog, oracle)
+        row["L1"] = f"{num['L1']:.4f}"
+        row["verdict"] = J.verdict(gen, vs_pgd, num["survival"], num["out-of-gamut"], real_oog, oracle)
         out.append(row)
     return pd.DataFrame(out)
+
+
+CRITERIA_COLUMNS = ["criterion", "direction", "guided", "other", "paired difference [95 % CI]", "met"]
+
+
+def criteria_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]) -> pd.DataFrame:
+    """Does the method under test (``guided``) beat the baselines on every independent check? One row per check:
+    mean oracle flip rate >= the GAN's and above the PGD control's (paired interval above 0), per direction; the
+    realism FD <= the GAN's and <= SDEdit's (``diffusion``); L1 to the anchor and out-of-gamut share <= the GAN's;
+    flip survival >= the GAN's. 'met' compares the estimates (above PGD: the interval's lower end > 0); the paired
+    interval says how sure that is. Checks whose generators did not run are left out; empty without guided."""
+    if "guided" not in generators:
+        return pd.DataFrame(columns=CRITERIA_COLUMNS)
+
+    def rate(gen, direction):
+        r = long[(long["generator"] == gen) & (long["direction"] == direction)
+                 & (long["metric"] == "oracle flip rate") & (long["judge"] == "mean of oracles")]
+        return float(r["estimate"].iloc[0]) if len(r) else math.nan
+
+    def paired(b, direction, metric):
+        r = diffs[(diffs["a"] == "guided") & (diffs["b"] == b) & (diffs["direction"] == direction)
+                  & (diffs["metric"] == metric)] if len(diffs) else diffs
+        return r.iloc[0] if len(r) else None
+
+    def row(criterion, direction, mine, other, d, met):
+        ci = "—" if d is None else f"{d['estimate']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+        met_text = "n/a" if not (np.isfinite(mine) and np.isfinite(other)) else ("yes" if met else "no")
+        return [criterion, direction, f"{mine:.3g}", f"{other:.3g}", ci, met_text]
+
+    rows, numbers = [], {g: generator_numbers(long, g) for g in generators}
+    arrows = {"b2m": "b→m", "m2b": "m→b"}
+    for direction in J.DIRECTIONS:
+        if "gan" in generators:
+            mine, other = rate("guided", direction), rate("gan", direction)
+            rows.append(row("oracle flip rate ≥ the GAN's", arrows[direction], mine, other,
+                            paired("gan", direction, "mean oracle flip rate"), mine >= other))
+        if "pgd" in generators:
+            d = paired("pgd", direction, "mean oracle flip rate")
+            rows.append(row("oracle flip rate above PGD's (interval above 0)", arrows[direction],
+                            rate("guided", direction), rate("pgd", direction), d, d is not None and d["ci_low"] > 0))
+    g = numbers["guided"]
+    for other, label in (("gan", "the GAN's"), ("diffusion", "SDEdit's")):
+        if other in generators:
+            rows.append(row(f"realism FD ≤ {label}", "both", g["FD"], numbers[other]["FD"],
+                            paired(other, "all counterfactuals", "judge-feature FD"), g["FD"] <= numbers[other]["FD"]))
+    if "gan" in generators:
+        o = numbers["gan"]
+        rows.append(row("L1 to the anchor ≤ the GAN's", "both", g["L1"], o["L1"],
+                        paired("gan", "both", "L1 to the anchor"), g["L1"] <= o["L1"]))
+        rows.append(row("out-of-gamut share ≤ the GAN's", "both", g["out-of-gamut"], o["out-of-gamut"], None,
+                        g["out-of-gamut"] <= o["out-of-gamut"]))
+        rows.append(row("flip survival ≥ the GAN's", "both", g["survival"], o["survival"], None,
+                        g["survival"] >= o["survival"]))
+    return pd.DataFrame(rows, columns=CRITERIA_COLUMNS)
 
 
 def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracle_specs: dict, diagnostics_path,
@@ -328,13 +399,16 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     write_csv(long, out_csv)
     write_csv(diffs, out_diff)
     notes = judges_notes(specs, boot)
-    atomic_write_text(out_md, judges_markdown(summary, diffs, notes))
+    criteria = criteria_table(long, diffs, list(generators))
+    atomic_write_text(out_md, judges_markdown(summary, diffs, notes, criteria))
     diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
                                     zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
     page = table_html(summary, "Are the counterfactuals semantic?", notes)
-    page = page.replace("</body></html>", table_html(diff_view[["a", "b", "direction", "metric", "value", "n"]],
-                                                      "Paired differences a − b (bootstrap over anchors)")
-                        .split("<body>", 1)[1])
+    sections = [(criteria, CRITERIA_TITLE, [CRITERIA_NOTE])] if len(criteria) else []
+    sections.append((diff_view[["a", "b", "direction", "metric", "value", "n"]],
+                     "Paired differences a − b (bootstrap over anchors)", None))
+    for table, title, table_notes in sections:
+        page = page.replace("</body></html>", table_html(table, title, table_notes).split("<body>", 1)[1])
     atomic_write_text(out_html, page)
     log.info("judges: %s", dict(zip(summary["generator"], summary["verdict"])))
     return long, diffs, summary
@@ -365,11 +439,23 @@ def judges_notes(specs: dict, boot: dict) -> list[str]:
     ]
 
 
-def judges_markdown(summary: pd.DataFrame, diffs: pd.DataFrame, notes: list[str]) -> str:
-    lines = ["# Are the counterfactuals semantic?", ""]
-    lines.append("| " + " | ".join(summary.columns) + " |")
-    lines.append("|---" * len(summary.columns) + "|")
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in summary.itertuples(index=False)]
+CRITERIA_TITLE = "Does guided beat the baselines on every independent check?"
+CRITERIA_NOTE = ("'met' compares the estimates ('above PGD': the paired interval lies above 0); the paired "
+                 "interval (guided − other, bootstrap over anchors; none for gamut and survival, which pool "
+                 "changed pixels and flips) says how sure that is. A 'no' is a result, not an error: "
+                 "docs/judges.md says why a check can be out of reach (the ceiling) and what to look at.")
+
+
+def _markdown_table(table: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(table.columns) + " |", "|---" * len(table.columns) + "|"]
+    return lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in table.itertuples(index=False)]
+
+
+def judges_markdown(summary: pd.DataFrame, diffs: pd.DataFrame, notes: list[str],
+                    criteria: pd.DataFrame | None = None) -> str:
+    lines = ["# Are the counterfactuals semantic?", ""] + _markdown_table(summary)
+    if criteria is not None and len(criteria):
+        lines += ["", f"## {CRITERIA_TITLE}", ""] + _markdown_table(criteria) + ["", CRITERIA_NOTE]
     lines += ["", "## Paired differences a − b", "", "| a | b | direction | metric | estimate [95 % CI] | n |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r.a} | {r.b} | {r.direction} | {r.metric} | {r.estimate:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "
