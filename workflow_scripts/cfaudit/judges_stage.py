@@ -441,9 +441,10 @@ def judges_notes(specs: dict, boot: dict) -> list[str]:
 
 CRITERIA_TITLE = "Does guided beat the baselines on every independent check?"
 CRITERIA_NOTE = ("'met' compares the estimates ('above PGD': the paired interval lies above 0); the paired "
-                 "interval (guided − other, bootstrap over anchors; none for gamut and survival, which pool "
-                 "changed pixels and flips) says how sure that is. A 'no' is a result, not an error: "
-                 "docs/judges.md says why a check can be out of reach (the ceiling) and what to look at.")
+                 "interval (guided − other, bootstrap over anchors; for the FD, of the FD over all images; none "
+                 "for gamut and survival, which pool changed pixels and flips) says how sure that is. A 'no' is "
+                 "a result, not an error: docs/judges.md says why a check can be out of reach (the ceiling) "
+                 "and what to look at.")
 
 
 def _markdown_table(table: pd.DataFrame) -> list[str]:
