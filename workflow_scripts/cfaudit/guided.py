@@ -361,14 +361,14 @@ class GuidedRun:
         return ~self.paused[idx]
 
     def contrast_term(self, i: int, x: torch.Tensor, t: int, t_prev: int, x0: torch.Tensor, x0_r: torch.Tensor,
-                      direction, masked: bool):
+                      direction, masked: bool, shift: float):
         """4. + 2. with ``mask.reference: other_class``: (mask, classifier gradient, guided pairs).
 
         The classifier sees the image this step leads to — the estimate inside the contrast mask m0 (where it
         differs from the other class's estimate x0_r), the anchor outside — and the mask then also takes in where
-        its push ``scale * g`` (in clean-image units) moves the estimate past the threshold. Without that, a
-        detail that both chains redraw alike (a small mark the prior cannot render) stays the anchor's for good,
-        and a classifier that needs it gone could never have it removed."""
+        its push (the step's move ``shift * g`` of x_t', in clean-image units) moves the estimate past the
+        threshold. Without that, a detail that both chains redraw alike (a small mark the prior cannot render)
+        stays the anchor's for good, and a classifier that needs it gone could never have it removed."""
         thr, dil = float(self.cfg["mask"]["threshold"]), int(self.cfg["mask"]["dilation"])
         m0 = change_mask(x0, x0_r, thr, dil) if masked else None
         seen = x0 if m0 is None else m0 * x0 + (1.0 - m0) * self.a
@@ -376,7 +376,7 @@ class GuidedRun:
         if m0 is None or not len(idx):
             return m0, g, idx
         ab_prev = float(self.schedule.alpha_bar[t_prev]) if t_prev > 0 else 1.0
-        push = self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"]) / math.sqrt(ab_prev)
+        push = shift / math.sqrt(ab_prev)
         return torch.maximum(m0, change_mask(x0 - push * g, x0_r, thr, dil)), g, idx
 
     def step(self, i: int, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
@@ -388,18 +388,18 @@ class GuidedRun:
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else 0)
         eps, direction, x0 = self.estimate(x, t)
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
-        eps_r = None
+        eps_r, shift = None, self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"])
         if self.ref is None:
             m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
             g, idx = self.classifier_term(i, x, t, x0, direction, m)
         else:
             eps_r, x0_r = self.estimate(self.ref["x"], t, self.ref["labels"])[::2]
-            m, g, idx = self.contrast_term(i, x, t, t_prev, x0, x0_r, direction, masked)
+            m, g, idx = self.contrast_term(i, x, t, t_prev, x0, x0_r, direction, masked, shift)
         with torch.no_grad():
             noise_fn = shared_draw(self.noise_fn) if self.noise_fn is not None else None
             x_next = self.smp.step(x, eps, i, ts, noise_fn)
             if len(idx):
-                x_next = x_next - (self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"])) * g
+                x_next = x_next - shift * g
             xr_next = self.ref["smp"].step(self.ref["x"], eps_r, i, ts, noise_fn) if self.ref else None
             path = None
             if m is not None:

@@ -230,6 +230,21 @@ def _realism_rows(realism_csv) -> list[dict]:
                  f"vs {r['reference']} ({r.get('reference_images', 'eval')})") for _, r in t.iterrows()]
 
 
+def _long_row(long: pd.DataFrame, gen: str, direction: str, metric: str, judge: str) -> pd.Series | None:
+    """The row of the long table for one generator, direction, metric and judge (None if absent)."""
+    r = long[(long["generator"] == gen) & (long["direction"] == direction) & (long["metric"] == metric)
+             & (long["judge"] == judge)]
+    return r.iloc[0] if len(r) else None
+
+
+def _diff_row(diffs: pd.DataFrame, a: str, b: str, direction: str, metric: str) -> pd.Series | None:
+    """The paired difference a − b of one metric and direction (None if absent)."""
+    if not len(diffs):
+        return None
+    r = diffs[(diffs["a"] == a) & (diffs["b"] == b) & (diffs["direction"] == direction) & (diffs["metric"] == metric)]
+    return r.iloc[0] if len(r) else None
+
+
 def _pooled(rows: pd.DataFrame, gen: str, metric: str, judge: str) -> float:
     """Mean over the two directions of a metric's estimates, weighted by their n."""
     r = rows[(rows["generator"] == gen) & (rows["metric"] == metric) & (rows["judge"] == judge)
@@ -246,14 +261,13 @@ def _fd_metric(long: pd.DataFrame) -> str | None:
 def generator_numbers(long: pd.DataFrame, gen: str) -> dict:
     """The pooled numbers the summary and the criteria compare: survival (mean over transforms of the audited
     flips' survival), out-of-gamut share, HF ratio, L1 (both directions, weighted by n) and the realism FD."""
-    fd_metric = _fd_metric(long)
-    fd = long[(long["generator"] == gen) & (long["metric"] == fd_metric) & (long["judge"] == "realism")]
+    fd = _long_row(long, gen, "both", _fd_metric(long), "realism")
     surv = [_pooled(long, gen, f"flip survival ({t})", "audited") for t in J.TRANSFORMS]
     return {"survival": float(np.nanmean(surv)) if np.isfinite(surv).any() else math.nan,
             "out-of-gamut": _pooled(long, gen, "out-of-gamut share", "pixels"),
             "HF ratio": _pooled(long, gen, "high-frequency ratio", "pixels"),
             "L1": _pooled(long, gen, "L1 to the anchor", "pixels"),
-            "FD": float(fd["estimate"].iloc[0]) if len(fd) else math.nan}
+            "FD": math.nan if fd is None else float(fd["estimate"])}
 
 
 def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str],
@@ -262,11 +276,9 @@ def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]
     its counterfactuals to all reference images} beside the realism rule's class-matched subsample FD (a few
     outlying counterfactuals can dominate an FD, and a subsample may or may not contain them)."""
     def est(gen, direction, metric, judge):
-        r = long[(long["generator"] == gen) & (long["direction"] == direction) & (long["metric"] == metric)
-                 & (long["judge"] == judge)]
-        if r.empty:
+        r = _long_row(long, gen, direction, metric, judge)
+        if r is None:
             return "—"
-        r = r.iloc[0]
         if not np.isfinite(r["ci_low"]):
             return f"{r['estimate']:.3g}"
         return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
@@ -275,9 +287,8 @@ def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]
     fd_metric = _fd_metric(long)
     out = []
     for gen in generators:
-        pgd = diffs[(diffs["a"] == gen) & (diffs["b"] == "pgd") & (diffs["direction"] == "both")
-                    & (diffs["metric"] == "mean oracle flip rate")] if len(diffs) else diffs
-        vs_pgd = pgd.iloc[0].to_dict() if len(pgd) else None
+        pgd = _diff_row(diffs, gen, "pgd", "both", "mean oracle flip rate")
+        vs_pgd = None if pgd is None else pgd.to_dict()
         num = generator_numbers(long, gen)
         oracle = _pooled(long, gen, "oracle flip rate", "mean of oracles")
         row = {"generator": gen}
@@ -309,14 +320,11 @@ def criteria_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str
         return pd.DataFrame(columns=CRITERIA_COLUMNS)
 
     def rate(gen, direction):
-        r = long[(long["generator"] == gen) & (long["direction"] == direction)
-                 & (long["metric"] == "oracle flip rate") & (long["judge"] == "mean of oracles")]
-        return float(r["estimate"].iloc[0]) if len(r) else math.nan
+        r = _long_row(long, gen, direction, "oracle flip rate", "mean of oracles")
+        return math.nan if r is None else float(r["estimate"])
 
     def paired(b, direction, metric):
-        r = diffs[(diffs["a"] == "guided") & (diffs["b"] == b) & (diffs["direction"] == direction)
-                  & (diffs["metric"] == metric)] if len(diffs) else diffs
-        return r.iloc[0] if len(r) else None
+        return _diff_row(diffs, "guided", b, direction, metric)
 
     def row(criterion, direction, mine, other, d, met):
         ci = "—" if d is None else f"{d['estimate']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
