@@ -102,7 +102,7 @@ ALL_STAGES_TINY = {
     "classifier": {"trained": {"input_size": 32, "epochs": 1}},
     "gan": {"train": {"epochs": 1}},
     "diffusion": {"epochs": 1, "T": 20, "n_feat": 8, "counterfactual": {"steps": 2}},
-    "guided": {"steps": 3, "batch_size": 8},
+    "guided": {"steps": 3, "batch_size": 8, "cone": {"model": {"epochs": 1}}},
     "traits": {"statistics": {"bootstrap": 50}},
     "metrics": {"bootstrap": {"resamples": 50}, "fid": {"weights_url": "", "kid_subsets": 5},
                 "judges": {"fd_resamples": 10, "pgd": {"steps": 5}},

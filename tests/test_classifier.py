@@ -371,3 +371,62 @@ def test_stand_in_beats_chance_on_isic2017(shared_data):
 def test_heldout_metrics_one_class_is_nan():
     m = heldout_metrics(np.array([1, 1, 1]), np.array([0.2, 0.7, 0.9]))
     assert np.isnan(m["auroc"]) and m["n_eval_malignant"] == 3
+
+
+def test_adversarial_views_stay_in_the_l2_ball_raise_the_loss_and_leave_the_model_as_it_was():
+    """classifier_training.adversarial_views (the robust model of guided.cone): each image moves by at most eps
+    (L2 over the image, [0, 1] units = half the [-1, 1] distance) toward the wrong class, the batch's loss rises,
+    the attack leaves the batch-norm running statistics and the training mode as they were, and it is the same
+    twice (no random start)."""
+    from torchvision.models import resnet18
+
+    from cfaudit.classifier_training import Preprocessed, adversarial_views
+
+    torch.manual_seed(0)
+    model = Preprocessed(resnet18(num_classes=2), 32, "minus_one_one")
+    model.train()
+    with torch.no_grad():  # a few batches so the running statistics are not the initial ones
+        for _ in range(3):
+            model(torch.rand(8, 3, 32, 32) * 2 - 1)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    s = TrainSettings(adversarial_epsilon=0.5, adversarial_steps=4)
+    adv = adversarial_views(model, x, y, s)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    dist = ((adv - x) / 2).flatten(1).norm(dim=1)
+    assert (dist <= 0.5 + 1e-4).all() and (dist > 0.1).all()
+    assert adv.min() >= -1 and adv.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        ce = [torch.nn.functional.cross_entropy(model(v), y, reduction="none") for v in (x, adv)]
+    assert (ce[1] > ce[0]).all()
+    model.train()
+    assert torch.equal(adversarial_views(model, x, y, s), adv)
+
+
+def test_robustness_record_is_the_clean_auroc_then_falls_under_attack():
+    """cfaudit.robust.robustness_record: the radius-0 entry is the plain held-out AUROC (checked with sklearn on the
+    classifier's own scores), larger radii cannot help a standard model, and one class gives no AUROC."""
+    from sklearn.metrics import roc_auc_score
+    from torch import nn
+
+    from cfaudit.robust import robustness_record
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    spec = {"kind": "checkpoint", "name": "tiny", "arch": "tiny", "num_classes": 2, "positive_index": 1, "input_size": 16,
+            "resize_size": 16, "normalization": "minus_one_one", "score_space": "softmax", "threshold": 0.5, "sha256": "t"}
+    clf = C.AuditedClassifier(net, spec).eval()
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(20, 16, 16, 3), dtype=np.uint8)
+    labels = np.array([0, 1] * 10)
+    rec = robustness_record(clf, images, labels, epsilon=0.5, steps=5, batch_size=8)
+    from cfaudit.data.pack import uint8_to_float
+
+    with torch.no_grad():
+        clean = roc_auc_score(labels, clf.prob_malignant(uint8_to_float(torch.as_tensor(images))).numpy())
+    assert list(rec["auroc"]) == ["0", "0.25", "0.5", "1"] and rec["auroc"]["0"] == round(clean, 4)
+    assert rec["auroc"]["1"] <= rec["auroc"]["0"] and rec["n_eval"] == 20
+    assert robustness_record(clf, images[:4], np.zeros(4), epsilon=0.5)["auroc"] == {}

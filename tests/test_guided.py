@@ -548,3 +548,77 @@ def test_config_section_validates_and_names_bad_keys(repo_root):
         load_config(repo_root / "config.yaml", overrides={"guided": {"mask": {"enabled": "yes"}}})
     with pytest.raises(ConfigError, match="guided.mask.reference"):
         load_config(repo_root / "config.yaml", overrides={"guided": {"mask": {"reference": "prior"}}})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DVCE's cone projection (guided.cone)
+# ----------------------------------------------------------------------------------------------------------
+def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double())
+    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+
+
+def test_cone_projection_turns_only_what_lies_outside_the_cone():
+    """Checked against a 2-D rotation computed independently (numpy, in the plane of v and the axis): inside the
+    cone v is returned as is; outside it ends exactly on the rim, with v's norm, between v and the axis; exactly
+    opposite it becomes the axis's rim direction's norm-kept limit (the axis itself); a zero axis leaves v."""
+    from cfaudit.guided import cone_project
+
+    rng = np.random.default_rng(3)
+    axis = torch.tensor(rng.normal(size=(4, 3, 5, 5)), dtype=torch.float32)
+    ortho = torch.tensor(rng.normal(size=(4, 3, 5, 5)), dtype=torch.float32)
+    af, of = axis.flatten(1).numpy().astype(np.float64), ortho.flatten(1).numpy().astype(np.float64)
+    u = af / np.linalg.norm(af, axis=1, keepdims=True)
+    w = of - (of * u).sum(1, keepdims=True) * u
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    angles = np.array([10.0, 50.0, 120.0, 179.0])  # v at these angles from the axis, norms 0.5..2
+    norms = np.array([0.5, 1.0, 1.5, 2.0])
+    v = norms[:, None] * (np.cos(np.radians(angles))[:, None] * u + np.sin(np.radians(angles))[:, None] * w)
+    out = cone_project(torch.tensor(v, dtype=torch.float32).view_as(axis), axis, 30.0).flatten(1).numpy()
+    expected = v.copy()
+    for k in range(1, 4):  # outside: the rim of the 30 degree cone in the same plane, same norm
+        expected[k] = norms[k] * (np.cos(np.radians(30)) * u[k] + np.sin(np.radians(30)) * w[k])
+    assert np.allclose(out, expected, atol=1e-5)
+    assert np.allclose(np.linalg.norm(out, axis=1), norms, atol=1e-5)
+    opposite = cone_project(-2.0 * axis, axis, 30.0)
+    assert torch.allclose(opposite.flatten(1), 2.0 * axis.flatten(1), atol=1e-5)  # norm 2|axis| along the axis
+    assert torch.equal(cone_project(axis, torch.zeros_like(axis), 30.0), axis)
+
+
+def test_classifier_gradient_with_the_cone_follows_the_robust_model_within_the_angle():
+    """guided.cone: the classifier term is the robust model's gradient turned to within the angle of the audited
+    classifier's, with the audited gradient's norm; the score is still the audited classifier's; an angle wide
+    enough to hold the robust gradient returns its direction unchanged. A small step along it still raises the
+    audited classifier's target probability (the step is within 90 degrees of its gradient)."""
+    clf, robust = tiny_classifier(seed=1), tiny_classifier(seed=5)  # gradients about 50 degrees apart
+    x0, a, tg = anchors(3, seed=9), anchors(3, seed=10), torch.tensor([1, 0, 1])
+    g_aud, s_aud = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none")
+    g_rob, _ = classifier_gradient(robust, x0, a, tg, l1_weight=0.0, normalize="none")
+    between = _angle_deg(g_aud, g_rob)
+    assert (between > 20).all()  # two random models disagree: the cone has something to do
+    g_c, s_c = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none", cone=(robust, 20.0))
+    assert torch.equal(s_c, s_aud)
+    assert torch.allclose(_angle_deg(g_c, g_aud), torch.full((3,), 20.0, dtype=torch.float64), atol=0.05)
+    assert torch.allclose(g_c.flatten(1).norm(dim=1), g_aud.flatten(1).norm(dim=1), rtol=1e-4)
+    assert (_angle_deg(g_c, g_rob) < between).all()  # closer to the robust direction than the audited one is
+    wide, _ = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="none", cone=(robust, 89.9))
+    inside = between < 89.9
+    cos = torch.nn.functional.cosine_similarity(wide.flatten(1), g_rob.flatten(1))
+    assert inside.any() and torch.allclose(cos[inside], torch.ones(int(inside.sum())), atol=1e-5)
+    g_n, _ = classifier_gradient(clf, x0, a, tg, l1_weight=0.0, normalize="rms", cone=(robust, 20.0))
+    with torch.no_grad():
+        assert (target_log_prob(clf(x0 - 0.02 * g_n), tg, 1) > target_log_prob(clf(x0), tg, 1)).all()
+
+
+def test_the_cone_needs_its_robust_model():
+    model, meta = tiny_unet()
+    with pytest.raises(ValueError, match="guided.cone.enabled"):
+        guided_sample(model, LinearSchedule(T), tiny_classifier(), anchors(1), torch.tensor([1]), [1],
+                      base_cfg(cone={"enabled": True, "angle": 30.0}), 0.3)
+    robust = tiny_classifier(seed=2)
+    cfg = base_cfg(cone={"enabled": True, "angle": 30.0})
+    x, _, _ = guided_sample(model, LinearSchedule(T), tiny_classifier(), anchors(2), torch.tensor([1, 0]), [1, 2], cfg, 0.3,
+                            robust=robust)
+    plain, _, _ = guided_sample(model, LinearSchedule(T), tiny_classifier(), anchors(2), torch.tensor([1, 0]), [1, 2],
+                                base_cfg(), 0.3)
+    assert x.shape == plain.shape and not torch.allclose(x, plain)  # the robust model changes the guidance

@@ -292,11 +292,13 @@ def test_pgd_stays_in_mask_and_budget_and_raises_the_target_probability():
 # ----------------------------------------------------------------------------------------------------------
 GENERATOR_RULES = {"train_diffusion", "diffusion_counterfactuals", "train_gan", "gan_counterfactuals",
                    "gather_counterfactuals", "guided_counterfactuals", "pgd_counterfactuals", "place_gan_weights",
-                   "train_classifier", "classifier_spec"}
+                   "train_classifier", "classifier_spec", "train_robust_classifier"}
 
 
 def test_no_oracle_output_is_an_input_of_a_generator_rule(tmp_path, run_snakemake):
-    proc = run_snakemake(tmp_path, None, extra_args=["--rulegraph", "--forceall"])
+    """With the cone projection on (guided.cone), its robust model is a generator rule too and feeds guided."""
+    (tmp_path / "cone.yaml").write_text("guided: {cone: {enabled: true}}\n")
+    proc = run_snakemake(tmp_path, tmp_path / "cone.yaml", extra_args=["--rulegraph", "--forceall"])
     names = dict(re.findall(r'^\s*(\d+)\[label = "([^"]+)"', proc.stdout, flags=re.M))
     edges = re.findall(r"^\s*(\d+) -> (\d+)", proc.stdout, flags=re.M)
     assert {"train_oracle", "score_oracle", "judges", "pgd_counterfactuals", "gather_counterfactuals"} <= set(names.values())
@@ -312,6 +314,7 @@ def test_no_oracle_output_is_an_input_of_a_generator_rule(tmp_path, run_snakemak
     assert not reach & GENERATOR_RULES, f"oracle outputs reach generator rules: {sorted(reach & GENERATOR_RULES)}"
     assert "score" not in reach  # the audited classifier's scores do not depend on an oracle either
     assert {"score_oracle", "judges", "table1", "realism"} <= reach
+    assert "guided_counterfactuals" in children["train_robust_classifier"]
 
 
 def test_an_oracle_like_the_audited_classifier_is_refused():
@@ -335,6 +338,34 @@ def test_an_oracle_like_the_audited_classifier_is_refused():
     same_seed["metrics"]["oracles"]["models"][1]["seed"] = cfg["seed"]
     with pytest.raises(ValueError, match=r"models\[1\].*seed"):
         check_oracles(same_seed)
+
+
+def test_a_robust_model_like_an_oracle_is_refused_and_its_recipe_overlays_the_stand_in():
+    """guided.cone.model guides, so it may share no oracle's architecture or seed; its recipe is classifier.trained
+    with its own keys on top (input_size null = image_size)."""
+    import copy
+
+    from cfaudit.config import validate_config
+    from cfaudit.robust import check_robust, robust_recipe
+
+    import yaml
+
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    validate_config(cfg)
+    check_robust(cfg)
+    recipe = robust_recipe(cfg)
+    model = cfg["guided"]["cone"]["model"]
+    assert recipe["arch"] == model["arch"] and recipe["adversarial_epsilon"] == model["adversarial_epsilon"]
+    assert recipe["lr"] == cfg["classifier"]["trained"]["lr"]
+    assert recipe["input_size"] == (model["input_size"] or cfg["image_size"])
+    oracle = cfg["metrics"]["oracles"]["models"][1]
+    for key in ("arch", "seed"):
+        bad = copy.deepcopy(cfg)
+        bad["guided"]["cone"]["model"][key] = oracle[key]
+        with pytest.raises(ValueError, match=rf"guided.cone.model.{key}.*{oracle['name']}"):
+            check_robust(bad)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,4 +13,4 @@ with script_logging(smk.log[0]) as log:
                      out_dir=smk.output.images, shard=int(smk.wildcards.shard), n_shards=smk.params.n_shards,
                      cfg=run_settings(smk.params.guided, smk.config, "guided"), seed=smk.params.seed, device=device,
                      precision=smk.params.precision, channels_last=smk.params.channels_last,
-                     generator=smk.wildcards.generator)
+                     generator=smk.wildcards.generator, robust_spec=getattr(smk.input, "robust", None))

@@ -45,6 +45,8 @@ class TrainSettings:
     balance_classes: bool = True
     bf16: bool = True
     eval_batch_size: int = 128
+    adversarial_epsilon: float = 0.0
+    adversarial_steps: int = 3
 
     @classmethod
     def from_config(cls, cfg: dict) -> "TrainSettings":
@@ -60,6 +62,7 @@ class Preprocessed(nn.Module):
         self.net = net
         self.input_size = input_size
         self.normalization = normalization
+        self.positive_index = 1  # class 1 = malignant (what cfaudit.pgd.masked_l2_pgd reads)
 
     def forward(self, x):
         x = normalize(resize_center_crop(x, self.input_size, self.input_size), self.normalization)
@@ -93,6 +96,25 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, rotate: bool, scale_jit
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1).to(x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def adversarial_views(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    """The batch moved by L2 PGD toward the wrong class (Madry et al. 2018, arXiv:1706.06083): at most
+    ``adversarial_epsilon`` (L2 over the whole image, [0, 1] intensity units, as the PGD control's budget) in
+    ``adversarial_steps`` steps of 2.5 eps / steps, no random start. Training on these views is adversarial
+    training; its gradients are perceptually aligned (Santurkar et al. 2019), which is what DVCE's cone needs.
+    The attack runs in eval mode (batch norm on its running statistics, as the MadryLab ``robustness`` library's
+    AttackerModel does), so each image's view depends on that image alone and the attack's forward passes leave
+    the running statistics alone."""
+    from cfaudit.pgd import masked_l2_pgd
+
+    ones = torch.ones_like(x[:, :1])
+    budgets = torch.full((x.shape[0],), float(settings.adversarial_epsilon), device=x.device)
+    model.eval()
+    try:
+        return masked_l2_pgd(model, x, 1 - labels, ones, budgets, int(settings.adversarial_steps)).detach()
+    finally:
+        model.train()
 
 
 @torch.no_grad()
@@ -163,8 +185,10 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     _, amp = resolve_precision("auto" if settings.bf16 else "fp32", device)  # bf16 on a GPU only
     history = []
-    log.info("training %s from scratch: %d images (%d malignant), input %d, %d epochs, batch %d, device %s",
-             settings.arch, n, int(labels.sum()), settings.input_size, settings.epochs, settings.batch_size, device)
+    log.info("training %s from scratch: %d images (%d malignant), input %d, %d epochs, batch %d, device %s%s",
+             settings.arch, n, int(labels.sum()), settings.input_size, settings.epochs, settings.batch_size, device,
+             f", adversarial (L2 PGD eps {settings.adversarial_epsilon:g}, {settings.adversarial_steps} steps)"
+             if settings.adversarial_epsilon > 0 else "")
     step = 0
     for epoch in range(settings.epochs):
         model.train()
@@ -177,6 +201,8 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
                 continue
             x = augment(uint8_to_float(x_all[idx]), gen, settings.flips, settings.rot90)
             x = random_affine(x, gen, settings.rotate, settings.scale_jitter, settings.translate)
+            if settings.adversarial_epsilon > 0:
+                x = adversarial_views(model, x, y_all[idx], settings)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):

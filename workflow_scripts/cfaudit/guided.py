@@ -192,9 +192,30 @@ def eot_logits(clf, x: torch.Tensor, eot: dict | None, noise_seeds, step: int, a
     return out
 
 
+def cone_project(v: torch.Tensor, axis: torch.Tensor, angle_deg: float) -> torch.Tensor:
+    """DVCE's cone projection (Augustin et al., NeurIPS 2022): each image's ``v`` turned toward its ``axis`` in the
+    plane the two span until the angle between them is at most ``angle_deg``; the norm of ``v`` is kept.
+
+    A ``v`` already inside the cone is returned unchanged; one pointing exactly away from the axis (no plane) or a
+    zero axis gives the axis direction (resp. ``v``). Per image: (N, ...) tensors, angle in (0, 90)."""
+    vf, af = v.flatten(1).float(), axis.flatten(1).float()
+    v_norm = vf.norm(dim=1, keepdim=True)
+    a_norm = af.norm(dim=1, keepdim=True)
+    u = af / a_norm.clamp_min(1e-30)
+    along = (vf * u).sum(1, keepdim=True)
+    perp = vf - along * u
+    p_norm = perp.norm(dim=1, keepdim=True)
+    plane = p_norm > 1e-6 * v_norm  # else v is (numerically) along the axis line: no plane to turn in
+    w = perp / p_norm.clamp_min(1e-30)
+    alpha = math.radians(float(angle_deg))
+    rim = torch.where(plane, v_norm * (math.cos(alpha) * u + math.sin(alpha) * w), v_norm * u)
+    inside = (along >= math.cos(alpha) * v_norm) | (a_norm == 0)
+    return torch.where(inside, vf, rim).view_as(v).to(v.dtype)
+
+
 def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: torch.Tensor, *, l1_weight: float,
                         normalize: str = "none", class_direction: torch.Tensor | None = None, amp_dtype=None,
-                        eot: dict | None = None, noise_seeds=None, step: int = 0, through=None):
+                        eot: dict | None = None, noise_seeds=None, step: int = 0, through=None, cone=None):
     """Gradient of ``CE(clf(x0), target) + l1_weight * mean|x0 - anchor|`` w.r.t. the estimate x0, and the scores.
 
     ``normalize``: "rms" (unit root-mean-square per image), "max" (unit largest |g| per image) or "none".
@@ -203,6 +224,9 @@ def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: to
     ``eot`` ({views, noise_std}): the CE is averaged over views (:func:`eot_logits`); the score is view 0's.
     ``through`` = (x_t, estimate, gain): the CE is taken on ``estimate(x_t)`` (the UNet's differentiable one-step
     estimate) and differentiated w.r.t. x_t, times ``gain`` (sqrt(abar_t), so a scale means what it means for x0).
+    ``cone`` = (robust model, angle): the classifier term becomes the robust model's CE gradient (one view) turned
+    to within ``angle`` degrees of the audited classifier's (:func:`cone_project`), with the audited gradient's norm
+    (so ``l1_weight`` weighs the same against it); the score stays the audited classifier's.
     """
     leaf = (x0 if through is None else through[0]).detach().float().requires_grad_(True)
     with torch.enable_grad():
@@ -210,7 +234,15 @@ def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: to
         view_logits = eot_logits(clf, x, eot, noise_seeds, step, amp_dtype)
         logits = view_logits[0]
         ce = torch.stack([-target_log_prob(v, targets, clf.positive_index) for v in view_logits]).mean(0)
-        (g_cls,) = torch.autograd.grad(ce.sum(), leaf)
+        (g_cls,) = torch.autograd.grad(ce.sum(), leaf, retain_graph=cone is not None)
+        if cone is not None:
+            robust, angle = cone
+            with autocast(x.device, amp_dtype):
+                logits_r = robust(x).float()
+            (g_rob,) = torch.autograd.grad(-target_log_prob(logits_r, targets, robust.positive_index).sum(), leaf)
+            norm = g_cls.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            turned = cone_project(g_rob, g_cls, angle)
+            g_cls = turned * norm / turned.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
     if through is not None:
         g_cls = g_cls * float(through[2])
         x = x0
@@ -231,14 +263,15 @@ def classifier_gradient(clf, x0: torch.Tensor, anchor: torch.Tensor, targets: to
 # One attempt at one scale
 # ----------------------------------------------------------------------------------------------------------
 def guided_sample(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, targets: torch.Tensor, seeds, cfg: dict,
-                  scale: float, *, amp_dtype=None, channels_last: bool = False, trace: list | None = None):
+                  scale: float, *, amp_dtype=None, channels_last: bool = False, trace: list | None = None, robust=None):
     """Guided counterfactuals of ``anchors`` (P,3,H,W in [-1,1]) toward ``targets`` (P,) with one guidance scale.
 
     ``seeds``: one noise seed per pair (pairs of one anchor share it). Returns (images (P,3,H,W) float, info dict of
     per-pair tensors: guided_steps, early_stopped, mask_fraction) and the number of denoising steps.
     ``trace`` (tests): a list that receives, per step, {t, t_prev, x (after the step), mask or None, path}.
+    ``robust``: the robust auxiliary classifier of ``cone`` (required when ``cfg['cone']['enabled']``).
     """
-    run = GuidedRun(model, schedule, clf, anchors, targets, seeds, cfg, scale, amp_dtype, channels_last)
+    run = GuidedRun(model, schedule, clf, anchors, targets, seeds, cfg, scale, amp_dtype, channels_last, robust)
     x = run.x_start
     for i in range(len(run.ts)):
         x = run.step(i, x, trace)
@@ -250,8 +283,14 @@ class GuidedRun:
     the per-pair state that the steps update (tensors of length P on the anchors' device)."""
 
     def __init__(self, model, schedule: LinearSchedule, clf, anchors: torch.Tensor, targets: torch.Tensor, seeds,
-                 cfg: dict, scale: float, amp_dtype=None, channels_last: bool = False):
+                 cfg: dict, scale: float, amp_dtype=None, channels_last: bool = False, robust=None):
         self.model, self.schedule, self.clf, self.cfg, self.scale = model, schedule, clf, cfg, scale
+        self.cone = None
+        if cfg.get("cone", {}).get("enabled", False):
+            if robust is None:
+                raise ValueError("config key 'guided.cone.enabled' is true but no robust classifier was given "
+                                 "(rule train_robust_classifier writes it)")
+            self.cone = (robust, float(cfg["cone"]["angle"]))
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         self.a = anchors.float()
         device = self.a.device
@@ -331,7 +370,8 @@ class GuidedRun:
                                         normalize=str(self.cfg["normalize_gradient"]),
                                         class_direction=direction[idx] if direction is not None else None,
                                         amp_dtype=self.amp_dtype, eot=self.cfg.get("eot"),
-                                        noise_seeds=[self.seeds[j] for j in idx.tolist()], step=i, through=through)
+                                        noise_seeds=[self.seeds[j] for j in idx.tolist()], step=i, through=through,
+                                        cone=self.cone)
         if self.cfg["early_stop"]["enabled"]:
             on = self.early_stop(idx, score, x0, m)
             gi[~on] = 0.0
@@ -455,7 +495,7 @@ def final_scores(clf, images_uint8: np.ndarray, device, amp_dtype=None) -> torch
 # The ladder: retry failures with the next scale
 # ----------------------------------------------------------------------------------------------------------
 def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, targets: torch.Tensor, seeds, cfg: dict, *,
-                  amp_dtype=None, channels_last: bool = False):
+                  amp_dtype=None, channels_last: bool = False, robust=None):
     """Counterfactuals of P pairs with retries along the scale ladder.
 
     Returns (uint8 images (P,H,W,3), outcome DataFrame with OUTCOME_COLUMNS, one row per pair in input order).
@@ -470,7 +510,7 @@ def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
         cfg_k = {**cfg, "strength": ladder_strengths(cfg)[k],
                  "early_stop": {**cfg["early_stop"], "margin": ladder_margins(cfg)[k]}}
         imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg_k,
-                                            scale, amp_dtype=amp_dtype, channels_last=channels_last)
+                                            scale, amp_dtype=amp_dtype, channels_last=channels_last, robust=robust)
         if cfg.get("project", {}).get("enabled", False):
             imgs = project(model, schedule, imgs, anchors[sel].float(), targets[sel], [seeds[j] for j in todo], cfg,
                            amp_dtype=amp_dtype, channels_last=channels_last)
@@ -496,7 +536,7 @@ def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
 # ----------------------------------------------------------------------------------------------------------
 # Files: one shard of the eval anchors
 # ----------------------------------------------------------------------------------------------------------
-def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, clf) -> dict:
+def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, clf, robust=None) -> dict:
     """Everything that made the images, recorded in the index ``settings`` column."""
     t0 = schedule.t_start(cfg["strength"])
     steps = len(make_sampler(cfg["sampler"], schedule, cfg["steps"]).timesteps(t0))
@@ -508,12 +548,13 @@ def guided_settings(cfg: dict, seed: int, schedule: LinearSchedule, meta: dict, 
         "precision": meta.get("precision", ""), "classifier": clf.name, "classifier_sha256": clf.spec.get("sha256", ""),
         "classifier_input_size": clf.input_size, "score_space": clf.score_space, "threshold": clf.threshold,
         "noise": "per-anchor, shared by both targets and all retries",
+        **({"robust_classifier": robust.name, "robust_classifier_sha256": robust.spec.get("sha256", "")} if robust else {}),
     }
 
 
 def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.DataFrame, pack_path, pack_index_path, out_dir,
               shard: int, n_shards: int, cfg: dict, seed: int, device, amp_dtype=None, channels_last: bool = False,
-              generator: str = GENERATOR):
+              generator: str = GENERATOR, robust=None):
     """Write both targets' guided counterfactuals of shard ``shard`` (:func:`cfaudit.counterfactuals.write_shard`);
     return (index DataFrame with the outcome columns, seconds)."""
     check_settings(cfg)
@@ -526,11 +567,12 @@ def run_shard(model, schedule: LinearSchedule, meta: dict, clf, anchors: pd.Data
         # pairs, target-major: [all anchors -> target 0, all anchors -> target 1]
         targets = torch.tensor(list(TARGETS), device=device, dtype=torch.long).repeat_interleave(b)
         images, outcome = guided_ladder(model, schedule, clf, x0.repeat(len(TARGETS), 1, 1, 1), targets,
-                                        seeds * len(TARGETS), cfg, amp_dtype=amp_dtype, channels_last=channels_last)
+                                        seeds * len(TARGETS), cfg, amp_dtype=amp_dtype, channels_last=channels_last,
+                                        robust=robust)
         return [(images[k * b:(k + 1) * b], outcome.iloc[k * b:(k + 1) * b]) for k in range(len(TARGETS))]
 
     df, seconds = write_shard(generate, ids, labels, pixels, out_dir=out_dir, shard=shard, generator=generator,
-                              settings=guided_settings(cfg, seed, schedule, meta, clf), batch_size=int(cfg["batch_size"]),
+                              settings=guided_settings(cfg, seed, schedule, meta, clf, robust), batch_size=int(cfg["batch_size"]),
                               seed=seed, batch_note=batch_note)
     if not len(df):
         df = pd.DataFrame(columns=INDEX_COLUMNS + OUTCOME_COLUMNS)
@@ -546,7 +588,7 @@ def batch_note(outcome: pd.DataFrame) -> str:
 
 def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_csv, out_index, out_dir, shard: int,
                      n_shards: int, cfg: dict, seed: int, device, precision: str = "auto", channels_last: bool = False,
-                     rule: str = "guided_counterfactuals", generator: str = GENERATOR) -> pd.DataFrame:
+                     rule: str = "guided_counterfactuals", generator: str = GENERATOR, robust_spec=None) -> pd.DataFrame:
     """Entry point of rule guided_counterfactuals: load generator + classifier, write one shard's PNGs + index."""
     from cfaudit.classifiers import load_classifier
     from cfaudit.diffusion.checkpoint import load_generator
@@ -563,15 +605,16 @@ def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_c
         raise ValueError(str(err).replace("diffusion.counterfactual.use_ema", "guided.use_ema")) from None
     meta["precision"] = prec
     clf = load_classifier(classifier_spec, device)
+    robust = load_classifier(robust_spec, device) if robust_spec else None
     anchors = pd.read_csv(anchors_csv)
     log.info("guided: %s (%s weights, step %d), s=%.3g -> t0=%d of T=%d, sampler %s (%d steps), CFG w=%g, scales %s (%s, "
-             "normalized: %s), l1 %g, mask %s, consensus %s, early stop %s; classifier %s (input %d, %s, threshold %g); "
-             "%s, shard %d/%d", meta["spec"]["arch"], meta["weights"], meta["step"], cfg["strength"],
+             "normalized: %s), l1 %g, mask %s, consensus %s, cone %s, early stop %s; classifier %s (input %d, %s, "
+             "threshold %g); %s, shard %d/%d", meta["spec"]["arch"], meta["weights"], meta["step"], cfg["strength"],
              schedule.t_start(cfg["strength"]), schedule.T, cfg["sampler"], cfg["steps"], cfg["cfg_guidance"],
              ladder_scales(cfg), cfg["scale_mode"], cfg["normalize_gradient"], cfg["l1_weight"], cfg["mask"],
-             cfg["consensus"], cfg["early_stop"], clf.name, clf.input_size, clf.score_space, clf.threshold, prec, shard, n_shards)
+             cfg["consensus"], cfg.get("cone", {}), cfg["early_stop"], clf.name, clf.input_size, clf.score_space, clf.threshold, prec, shard, n_shards)
     df, dt = run_shard(model, schedule, meta, clf, anchors, pack, pack_index, out_dir, shard, n_shards, cfg, seed, device,
-                       amp_dtype=amp_dtype, channels_last=channels_last, generator=generator)
+                       amp_dtype=amp_dtype, channels_last=channels_last, generator=generator, robust=robust)
     write_csv(df, out_index)
     n_anchors = len(df) // len(TARGETS)
     summary = {"anchors_per_s": n_anchors / max(dt, 1e-9), "checkpoint_sha256": meta["sha256"],
@@ -579,7 +622,8 @@ def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_c
                "mean_attempts": float(df["attempts"].mean()) if len(df) else float("nan")}
     log.info("shard %d: %d anchors x 2 targets in %.1f s (%.2f anchors/s), %.1f%% on the target side -> %s", shard,
              n_anchors, dt, summary["anchors_per_s"], 100 * summary["on_target_side"], out_index)
-    write_provenance(out_index, [checkpoint, classifier_spec, pack, pack_index, anchors_csv],
+    write_provenance(out_index, [checkpoint, classifier_spec, *([robust_spec] if robust_spec else []), pack, pack_index,
+                                 anchors_csv],
                      {"guided": cfg, "seed": seed, "precision": prec, "shard": shard, "n_shards": n_shards},
                      rule, started, summary)
     return df

@@ -61,18 +61,25 @@ def check_oracles(config: dict) -> dict[str, dict]:
 
 def write_oracle_spec(name: str, recipe: dict, weights, heldout_path, out_spec) -> dict:
     """oracle.json: a classifier spec of kind 'trained' (softmax score, the recipe's threshold) after a strict load."""
+    return write_trained_spec(f"oracle_{name}", recipe, weights, heldout_path, out_spec, "oracle",
+                              "oracle (judge only; never an input of a generator)")
+
+
+def write_trained_spec(name: str, recipe: dict, weights, heldout_path, out_spec, record: str, role: str) -> dict:
+    """A classifier spec of kind 'trained' for a model trained here (softmax score, the recipe's threshold), written
+    after a strict load of ``weights``; ``record`` names its training record in the spec's provenance."""
     import json
 
     from cfaudit.classifiers import build_classifier, make_spec, spec_training_record, write_spec
 
     heldout = json.loads(Path(heldout_path).read_text())
-    spec = make_spec("trained", name=f"oracle_{name}", arch=recipe["arch"], weights=weights,
+    spec = make_spec("trained", name=name, arch=recipe["arch"], weights=weights,
                      input_size=recipe["input_size"], resize_size=recipe["input_size"], num_classes=2,
                      positive_index=1, normalization=recipe.get("normalization", "minus_one_one"),
                      score_space="softmax", threshold=float(recipe.get("threshold", 0.5)),
                      arch_kwargs=recipe.get("arch_kwargs", {}),
-                     provenance={"oracle": spec_training_record(heldout)})
+                     provenance={record: spec_training_record(heldout)})
     build_classifier(spec, weights)  # strict load: a bad file fails here
-    spec["role"] = "oracle (judge only; never an input of a generator)"
+    spec["role"] = role
     write_spec(spec, out_spec)
     return spec
