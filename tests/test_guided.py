@@ -132,6 +132,23 @@ def test_change_mask_threshold_and_dilation():
     assert change_mask(x, a, 0.6, 2).sum() == 0
 
 
+def test_change_mask_cap_keeps_the_largest_changes_and_the_push_adds_its_own():
+    """mask.max_fraction: where more than that share passes the threshold, only the largest changes are kept (per
+    image); 1 changes nothing. ``push``: also where x0 - push passes the threshold (the union, under the same cap)."""
+    a = torch.zeros(2, 3, 10, 10)
+    x = a.clone()
+    x[0] = torch.linspace(0.01, 1.0, 100).view(1, 10, 10)  # 100 distinct changes, 90 of them above 0.1
+    x[1, :, 0, :3] = 0.5  # 3 changed pixels: under any cap used here
+    assert change_mask(x, a, 0.1, 0)[0].sum() == 90 and torch.equal(change_mask(x, a, 0.1, 0, 1.0), change_mask(x, a, 0.1, 0))
+    capped = change_mask(x, a, 0.1, 0, 0.25)
+    assert capped[0].sum() == 25 and capped[1].sum() == 3
+    assert capped[0, 0].flatten()[-25:].all()  # the 25 largest changes
+    push = torch.zeros_like(x)
+    push[1, :, 9, 9] = -0.4  # moves one unchanged pixel of image 1 past the threshold
+    m = change_mask(x, a, 0.1, 0, 0.25, push=push)
+    assert m[1].sum() == 4 and m[1, 0, 9, 9] == 1 and torch.equal(m[0], capped[0])
+
+
 def test_classifier_gradient_consensus_l1_and_scores():
     clf = tiny_classifier()
     x0 = anchors(2, seed=9)

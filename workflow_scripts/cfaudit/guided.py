@@ -123,9 +123,20 @@ def dilate(m: torch.Tensor, radius: int) -> torch.Tensor:
     return F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius) if radius > 0 else m
 
 
-def change_mask(x0: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
-    """(N,1,H,W) float mask: channel-mean |x0 - anchor| > threshold, dilated by a (2r+1)² max filter."""
-    return dilate(((x0 - anchor).abs().mean(dim=1, keepdim=True) > threshold).float(), dilation)
+def change_mask(x0: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int, max_fraction: float = 1.0,
+                push: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,1,H,W) float mask: channel-mean |x0 - anchor| > threshold, dilated by a (2r+1)² max filter.
+
+    ``push``: also where ``x0 - push`` passes the threshold. ``max_fraction`` < 1: at most that share of each image's
+    pixels before dilation — the threshold is raised to the image's (1 - max_fraction) quantile of the change."""
+    d = (x0 - anchor).abs().mean(dim=1, keepdim=True)
+    if push is not None:
+        d = torch.maximum(d, (x0 - push - anchor).abs().mean(dim=1, keepdim=True))
+    thr = torch.full((d.shape[0], 1, 1, 1), float(threshold), device=d.device)
+    if max_fraction < 1.0:
+        q = torch.quantile(d.flatten(1).float(), 1.0 - float(max_fraction), dim=1).view(-1, 1, 1, 1)
+        thr = torch.maximum(thr, q)
+    return dilate((d > thr).float(), dilation)
 
 
 def relative_change_mask(x: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
@@ -410,14 +421,15 @@ class GuidedRun:
         threshold. Without that, a detail that both chains redraw alike (a small mark the prior cannot render)
         stays the anchor's for good, and a classifier that needs it gone could never have it removed."""
         thr, dil = float(self.cfg["mask"]["threshold"]), int(self.cfg["mask"]["dilation"])
-        m0 = change_mask(x0, x0_r, thr, dil) if masked else None
+        cap = float(self.cfg["mask"].get("max_fraction", 1.0))
+        m0 = change_mask(x0, x0_r, thr, dil, cap) if masked else None
         seen = x0 if m0 is None else m0 * x0 + (1.0 - m0) * self.a
         g, idx = self.classifier_term(i, x, t, seen, direction, m0)
         if m0 is None or not len(idx):
             return m0, g, idx
         ab_prev = float(self.schedule.alpha_bar[t_prev]) if t_prev > 0 else 1.0
         push = shift / math.sqrt(ab_prev)
-        return torch.maximum(m0, change_mask(x0 - push * g, x0_r, thr, dil)), g, idx
+        return change_mask(x0, x0_r, thr, dil, cap, push=push * g), g, idx  # m0 and where the push passes thr
 
     def step(self, i: int, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         """One step t -> t' of every pair: estimate, mask (4.), classifier term, the sampler's step moved by
@@ -430,7 +442,8 @@ class GuidedRun:
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
         eps_r, shift = None, self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"])
         if self.ref is None:
-            m = change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"])) if masked else None
+            m = (change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"]), float(mcfg.get("max_fraction", 1.0)))
+                 if masked else None)
             g, idx = self.classifier_term(i, x, t, x0, direction, m)
         else:
             eps_r, x0_r = self.estimate(self.ref["x"], t, self.ref["labels"])[::2]
