@@ -98,6 +98,17 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, rotate: bool, scale_jit
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def training_views(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+                   settings: TrainSettings) -> torch.Tensor:
+    """One batch as the network trains on it: augmented (flips, quarter turns, affine), then, for adversarial
+    training, replaced by its PGD views; channels-last on a GPU."""
+    x = augment(uint8_to_float(images_u8), gen, settings.flips, settings.rot90)
+    x = random_affine(x, gen, settings.rotate, settings.scale_jitter, settings.translate)
+    if settings.adversarial_epsilon > 0:
+        x = adversarial_views(model, x, labels, settings)
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+
+
 def adversarial_views(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
     """The batch moved by L2 PGD toward the wrong class (Madry et al. 2018, arXiv:1706.06083): at most
     ``adversarial_epsilon`` (L2 over the whole image, [0, 1] intensity units, as the PGD control's budget) in
@@ -199,12 +210,7 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, setting
             idx = perm[i:i + settings.batch_size]
             if idx.numel() < 2:  # batch norm needs >1 sample
                 continue
-            x = augment(uint8_to_float(x_all[idx]), gen, settings.flips, settings.rot90)
-            x = random_affine(x, gen, settings.rotate, settings.scale_jitter, settings.translate)
-            if settings.adversarial_epsilon > 0:
-                x = adversarial_views(model, x, y_all[idx], settings)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = training_views(model, x_all[idx], y_all[idx], gen, settings)
             with autocast(device, amp):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y_all[idx], weight=weight)
