@@ -1,8 +1,11 @@
 # Guided stage: classifier-guided diffusion counterfactuals (DiME / FastDiME / MaskDiME style) on the diffusion
 # stage's trained model: SDEdit start, CFG toward the target, plus the gradient of the audited classifier's loss
 # (and an L1 to the anchor) on each step's clean-image estimate; adaptive mask, early stop, a ladder of scales.
-# train_diffusion + classifier_spec -> guided_counterfactuals (one job per shard) -> gather_counterfactuals
-# -> results/counterfactuals/guided/index.csv (scored, paneled and measured like the other generators).
+# With guided.cone (DVCE's cone projection) the step follows an adversarially trained helper's gradient turned to
+# within an angle of the audited classifier's; rule train_robust_classifier trains that helper on the train split.
+# train_diffusion + classifier_spec [+ train_robust_classifier] -> guided_counterfactuals (one job per shard)
+# -> gather_counterfactuals -> results/counterfactuals/guided/index.csv (scored, paneled and measured like the
+# other generators).
 
 from cfaudit.robust import check_robust, robust_recipe  # noqa: E402
 
@@ -59,7 +62,6 @@ rule train_robust_classifier:
         f"{BENCH}/train_robust_classifier.tsv"
     script:
         entry_script("train_robust_classifier.py")
-
 
 
 rule guided_counterfactuals:
