@@ -302,6 +302,8 @@ class GuidedRun:
                 raise ValueError("config key 'guided.cone.enabled' is true but no robust classifier was given "
                                  "(rule train_robust_classifier writes it)")
             self.cone = (robust, float(cfg["cone"]["angle"]))
+        mcfg = cfg["mask"]  # threshold, dilation and cap of every change mask of this run
+        self.mask_args = (float(mcfg["threshold"]), int(mcfg["dilation"]), float(mcfg.get("max_fraction", 1.0)))
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         self.a = anchors.float()
         device = self.a.device
@@ -420,16 +422,14 @@ class GuidedRun:
         its push (the step's move ``shift * g`` of x_t', in clean-image units) moves the estimate past the
         threshold. Without that, a detail that both chains redraw alike (a small mark the prior cannot render)
         stays the anchor's for good, and a classifier that needs it gone could never have it removed."""
-        thr, dil = float(self.cfg["mask"]["threshold"]), int(self.cfg["mask"]["dilation"])
-        cap = float(self.cfg["mask"].get("max_fraction", 1.0))
-        m0 = change_mask(x0, x0_r, thr, dil, cap) if masked else None
+        m0 = change_mask(x0, x0_r, *self.mask_args) if masked else None
         seen = x0 if m0 is None else m0 * x0 + (1.0 - m0) * self.a
         g, idx = self.classifier_term(i, x, t, seen, direction, m0)
         if m0 is None or not len(idx):
             return m0, g, idx
         ab_prev = float(self.schedule.alpha_bar[t_prev]) if t_prev > 0 else 1.0
         push = shift / math.sqrt(ab_prev)
-        return change_mask(x0, x0_r, thr, dil, cap, push=push * g), g, idx  # m0 and where the push passes thr
+        return change_mask(x0, x0_r, *self.mask_args, push=push * g), g, idx  # m0 and where the push passes thr
 
     def step(self, i: int, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         """One step t -> t' of every pair: estimate, mask (4.), classifier term, the sampler's step moved by
@@ -442,8 +442,7 @@ class GuidedRun:
         masked = bool(mcfg["enabled"]) and i >= self.mask_from
         eps_r, shift = None, self.scale * shift_coefficient(self.schedule, t, t_prev, self.cfg["scale_mode"])
         if self.ref is None:
-            m = (change_mask(x0, self.a, float(mcfg["threshold"]), int(mcfg["dilation"]), float(mcfg.get("max_fraction", 1.0)))
-                 if masked else None)
+            m = change_mask(x0, self.a, *self.mask_args) if masked else None
             g, idx = self.classifier_term(i, x, t, x0, direction, m)
         else:
             eps_r, x0_r = self.estimate(self.ref["x"], t, self.ref["labels"])[::2]

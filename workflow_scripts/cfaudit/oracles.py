@@ -28,10 +28,11 @@ def audited_identity(config: dict) -> tuple[str, int | None]:
     return clf["checkpoint"]["arch"], None
 
 
-def oracle_recipe(config: dict, entry: dict) -> dict:
-    """The training settings of one oracle: classifier.trained with the entry's keys on top (score space softmax)."""
-    recipe = {k: v for k, v in config["classifier"]["trained"].items() if k in RECIPE_KEYS}
-    recipe.update({k: v for k, v in entry.items() if k in RECIPE_KEYS and v is not None})
+def oracle_recipe(config: dict, entry: dict, keys: tuple[str, ...] = RECIPE_KEYS) -> dict:
+    """The training settings of one oracle (or of another model trained here, with its own ``keys``):
+    classifier.trained with the entry's keys on top (score space softmax); input_size null = image_size."""
+    recipe = {k: v for k, v in config["classifier"]["trained"].items() if k in keys}
+    recipe.update({k: v for k, v in entry.items() if k in keys and v is not None})
     if entry.get("input_size") is None:
         recipe["input_size"] = int(config["image_size"])
     return recipe

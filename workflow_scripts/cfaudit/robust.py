@@ -12,19 +12,14 @@ The model takes part in generation, so it must never judge: its architecture and
 
 from __future__ import annotations
 
-from cfaudit.oracles import RECIPE_KEYS, check_oracles
+from cfaudit.oracles import RECIPE_KEYS, check_oracles, oracle_recipe
 
 ROBUST_KEYS = (*RECIPE_KEYS, "adversarial_epsilon", "adversarial_steps")
 
 
 def robust_recipe(config: dict) -> dict:
     """The robust model's training settings: classifier.trained with ``guided.cone.model`` on top."""
-    recipe = {k: v for k, v in config["classifier"]["trained"].items() if k in ROBUST_KEYS}
-    model = config["guided"]["cone"]["model"]
-    recipe.update({k: v for k, v in model.items() if k in ROBUST_KEYS and v is not None})
-    if model.get("input_size") is None:
-        recipe["input_size"] = int(config["image_size"])
-    return recipe
+    return oracle_recipe(config, config["guided"]["cone"]["model"], ROBUST_KEYS)
 
 
 def check_robust(config: dict) -> None:
