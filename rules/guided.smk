@@ -13,6 +13,8 @@ GUIDED_CFG = config["guided"]
 GUIDED_SAMPLING = result_settings(config, "guided", drop=("cone.model",))  # the model is the robust rule's input
 if not GUIDED_SAMPLING["cone"]["enabled"]:
     GUIDED_SAMPLING["cone"] = {"enabled": False}  # the angle of a cone that is off changes nothing: no rerun
+if not GUIDED_SAMPLING["mask"].get("smooth"):
+    GUIDED_SAMPLING["mask"].pop("smooth", None)  # unsmoothed = every run before the key existed: no rerun
 # guided_noclf (a control of the judges, rules/judges.smk): the same sampler, strength, mask, CFG and noise with
 # the classifier-gradient scale 0, i.e. what the diffusion prior alone does from the same start (no gradient, so
 # no cone either: changing it reruns only guided).

@@ -149,6 +149,23 @@ def test_change_mask_cap_keeps_the_largest_changes_and_the_push_adds_its_own():
     assert m[1].sum() == 4 and m[1, 0, 9, 9] == 1 and torch.equal(m[0], capped[0])
 
 
+def test_change_mask_smooth_opens_dense_changes_not_isolated_pixels():
+    """mask.smooth: the change map is box-averaged before the threshold, so a lone strong pixel stays out while a
+    dense region of moderate change opens; checked against a direct numpy window mean."""
+    a = torch.zeros(1, 3, 12, 12)
+    x = a.clone()
+    x[0, :, 2, 2] = 0.9  # isolated: window mean 0.9 / 25 = 0.036
+    x[0, :, 6:11, 6:11] = 0.2  # dense 5x5 block
+    m = change_mask(x, a, 0.105, 0, smooth=2)[0, 0].numpy()  # 0.105: no window mean lies on it
+    d = np.pad(x[0].abs().mean(0).numpy(), 2)
+    counts = np.pad(np.ones((12, 12)), 2)
+    win = lambda arr, i, j: arr[i:i + 5, j:j + 5].sum()  # noqa: E731 (window centred on (i, j) of the padded map)
+    expected = np.array([[win(d, i, j) / win(counts, i, j) > 0.105 for j in range(12)] for i in range(12)])
+    assert np.array_equal(m.astype(bool), expected)
+    assert m[2, 2] == 0 and m[8, 8] == 1 and change_mask(x, a, 0.1, 0)[0, 0, 2, 2] == 1
+    assert torch.equal(change_mask(x, a, 0.1, 1, smooth=0), change_mask(x, a, 0.1, 1))
+
+
 def test_classifier_gradient_consensus_l1_and_scores():
     clf = tiny_classifier()
     x0 = anchors(2, seed=9)

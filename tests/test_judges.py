@@ -243,6 +243,42 @@ def test_criteria_table_checks_guided_against_each_baseline_by_its_own_rule():
     assert criteria_table(long, diffs, ["gan", "pgd"]).empty
 
 
+def test_unmet_sources_name_the_counterfactuals_behind_each_unmet_check():
+    """cfaudit.judges_sources: feature outliers are the points farther from the reference mean than every reference
+    point (checked by hand on a 2-d example); the gamut line gives the top images' share of out-of-gamut pixels; the
+    survival line counts lost flips per transform; the flip line lists the anchors where the baseline flips more
+    oracles; met checks give no line."""
+    from cfaudit.judges_sources import feature_outliers, unmet_sources
+
+    ref = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])  # mean (1, 1), farthest squared distance 2
+    features = {"reference": ref, "gen:guided": np.array([[1.0, 1.0], [4.0, 1.0], [1.0, 3.0]]),
+                "anchor:guided": np.array(["A", "B", "C"]), "target:guided": np.array([1, 0, 1]),
+                "gen:gan": np.array([[1.0, 2.0]]), "anchor:gan": np.array(["A"]), "target:gan": np.array([1])}
+    out = feature_outliers(features, "guided")  # squared distances 0, 9, 4 vs 2
+    assert list(out["anchor_id"]) == ["B", "C"] and np.allclose(out["ratio"], [4.5, 2.0])
+    per_image = pd.DataFrame({"generator": ["guided"] * 8 + ["gan"], "anchor_id": list("ABCEFGHA") + ["A"],
+                              "anchor_label": [0, 1, 0, 0, 0, 0, 0, 1, 0], "target_label": [1, 0, 1, 1, 1, 1, 1, 1, 1],
+                              "out_of_gamut_share": [0.5, 0.1, 0.0, 0.1, 0.1, 0.1, 0.1, 0.9, 0.2]})
+    survival = {g: pd.DataFrame({"anchor_id": ["A", "B"], "direction": ["b2m", "m2b"], "flipped": [1, 1],
+                                 "jpeg75": [1.0, 0.0], "blur0.5": [0.0, 0.0], "shift1": [1.0, 1.0]}) for g in ("guided", "gan")}
+    survival["gan"][["jpeg75", "blur0.5"]] = 1.0
+    consensus = {"guided": pd.DataFrame({"anchor_id": ["A", "D"], "direction": ["b2m", "b2m"], "flipped": [0.0, 1.0]}),
+                 "gan": pd.DataFrame({"anchor_id": ["A", "D"], "direction": ["b2m", "b2m"], "flipped": [0.5, 1.0]})}
+    criteria = pd.DataFrame({"criterion": ["oracle flip rate ≥ the GAN's", "realism FD ≤ the GAN's",
+                                           "realism FD ≤ SDEdit's", "out-of-gamut share ≤ the GAN's",
+                                           "flip survival ≥ the GAN's", "L1 to the anchor ≤ the GAN's"],
+                             "direction": ["b→m", "both", "both", "both", "both", "both"],
+                             "met": ["no", "no", "no", "no", "no", "yes"]})
+    lines = unmet_sources(criteria, per_image, features, survival, consensus)
+    assert len(lines) == 4  # one FD line for both FD checks, none for the met L1 check
+    assert "1 anchor where the GAN" in lines[0] and "A → malignant" in lines[0] and "D →" not in lines[0]
+    assert "2 of 3 guided" in lines[1] and "B → benign, C → malignant" in lines[1] and "the GAN 0 of 1" in lines[1]
+    # cross-class only (H → malignant is H's own class): top five of 0.5, 0.1 x 5, 0 carry 0.9 of 1.0
+    assert "carry 90% of its mean" in lines[2] and "A → malignant, B → benign" in lines[2] and "H →" not in lines[2]
+    assert "loses 2 of its 2" in lines[3] and "jpeg75 1, blur0.5 2, shift1 0" in lines[3] and "the GAN 0 of 2" in lines[3]
+    assert unmet_sources(criteria.assign(met="yes"), per_image, features, survival, consensus) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PGD
 # ----------------------------------------------------------------------------------------------------------

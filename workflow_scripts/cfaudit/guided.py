@@ -124,14 +124,18 @@ def dilate(m: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def change_mask(x0: torch.Tensor, anchor: torch.Tensor, threshold: float, dilation: int, max_fraction: float = 1.0,
-                push: torch.Tensor | None = None) -> torch.Tensor:
+                smooth: int = 0, push: torch.Tensor | None = None) -> torch.Tensor:
     """(N,1,H,W) float mask: channel-mean |x0 - anchor| > threshold, dilated by a (2r+1)² max filter.
 
-    ``push``: also where ``x0 - push`` passes the threshold. ``max_fraction`` < 1: at most that share of each image's
-    pixels before dilation — the threshold is raised to the image's (1 - max_fraction) quantile of the change."""
+    ``push``: also where ``x0 - push`` passes the threshold. ``smooth`` > 0: the change is first averaged over a
+    (2s+1)² window (DiffEdit thresholds a smoothed, coarse difference map), so a region opens where the change is
+    dense, not where isolated pixels jump. ``max_fraction`` < 1: at most that share of each image's pixels before
+    dilation — the threshold is raised to the image's (1 - max_fraction) quantile of the change."""
     d = (x0 - anchor).abs().mean(dim=1, keepdim=True)
     if push is not None:
         d = torch.maximum(d, (x0 - push - anchor).abs().mean(dim=1, keepdim=True))
+    if smooth > 0:
+        d = F.avg_pool2d(d, kernel_size=2 * smooth + 1, stride=1, padding=smooth, count_include_pad=False)
     thr = torch.full((d.shape[0], 1, 1, 1), float(threshold), device=d.device)
     if max_fraction < 1.0:
         q = torch.quantile(d.flatten(1).float(), 1.0 - float(max_fraction), dim=1).view(-1, 1, 1, 1)
@@ -302,8 +306,9 @@ class GuidedRun:
                 raise ValueError("config key 'guided.cone.enabled' is true but no robust classifier was given "
                                  "(rule train_robust_classifier writes it)")
             self.cone = (robust, float(cfg["cone"]["angle"]))
-        mcfg = cfg["mask"]  # threshold, dilation and cap of every change mask of this run
-        self.mask_args = (float(mcfg["threshold"]), int(mcfg["dilation"]), float(mcfg.get("max_fraction", 1.0)))
+        mcfg = cfg["mask"]  # threshold, dilation, cap and smoothing of every change mask of this run
+        self.mask_args = (float(mcfg["threshold"]), int(mcfg["dilation"]), float(mcfg.get("max_fraction", 1.0)),
+                          int(mcfg.get("smooth", 0)))
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         self.a = anchors.float()
         device = self.a.device

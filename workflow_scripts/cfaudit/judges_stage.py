@@ -21,6 +21,7 @@ import pandas as pd
 from cfaudit import judges as J
 from cfaudit.files import write_csv
 from cfaudit.files import atomic_write_text
+from cfaudit.judges_sources import unmet_sources
 from cfaudit.metrics_stage import comparable_pair, read_scores, read_spec, real_reference_index
 from cfaudit.names import ORIGINAL
 from cfaudit.scoring import load_raw
@@ -371,12 +372,12 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     oracle_thr = {n: float(spec["threshold"]) for n, spec in specs.items()}
     per_image = pd.read_csv(diagnostics_path, dtype={"anchor_id": str})
     closeness = pd.read_csv(closeness_path, dtype={"anchor_id": str}) if closeness_path else None
-    rows, consensus = [], {}
+    rows, consensus, survivals = [], {}, {}
     for pos, gen in enumerate(generators):
         audited = J.per_anchor_flips(scores, gen, thr)
         per_oracle = {n: J.per_anchor_flips(t, gen, oracle_thr[n]) for n, t in oracle_tabs.items()}
         consensus[gen] = J.oracle_consensus(per_oracle) if per_oracle else audited.iloc[0:0]
-        survival = _survival(per_image, audited, gen, thr)
+        survival = survivals[gen] = _survival(per_image, audited, gen, thr)
         rows += generator_rows(gen, audited, per_oracle, consensus[gen], survival, per_image, closeness, boot,
                                seed + 1000 * (pos + 1))
     orig = per_image[per_image["generator"] == ORIGINAL]
@@ -408,11 +409,13 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     write_csv(diffs, out_diff)
     notes = judges_notes(specs, boot)
     criteria = criteria_table(long, diffs, list(generators))
-    atomic_write_text(out_md, judges_markdown(summary, diffs, notes, criteria))
+    sources = unmet_sources(criteria, per_image, features, survivals, consensus)
+    atomic_write_text(out_md, judges_markdown(summary, diffs, notes, criteria, sources))
     diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
                                     zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
     page = table_html(summary, "Are the counterfactuals semantic?", notes)
-    sections = [(criteria, CRITERIA_TITLE, [CRITERIA_NOTE])] if len(criteria) else []
+    source_notes = [f"{SOURCES_TITLE}:", *(f"• {x}" for x in sources)] if sources else []
+    sections = [(criteria, CRITERIA_TITLE, [CRITERIA_NOTE, *source_notes])] if len(criteria) else []
     sections.append((diff_view[["a", "b", "direction", "metric", "value", "n"]],
                      "Paired differences a − b (bootstrap over anchors)", None))
     for table, title, table_notes in sections:
@@ -450,9 +453,13 @@ def judges_notes(specs: dict, boot: dict) -> list[str]:
 CRITERIA_TITLE = "Does guided beat the baselines on every independent check?"
 CRITERIA_NOTE = ("'met' compares the estimates ('above PGD': the paired interval lies above 0); the paired "
                  "interval (guided − other, bootstrap over anchors; for the FD, of the FD over all images; none "
-                 "for gamut and survival, which pool changed pixels and flips) says how sure that is. A 'no' is "
-                 "a result, not an error: docs/judges.md says why a check can be out of reach (the ceiling) "
-                 "and what to look at.")
+                 "for gamut and survival: per-image means over both directions and the three transforms, not "
+                 "paired here) says how sure that is. A 'no' is a result, not an error: docs/judges.md says why a "
+                 "check can be out of reach (the ceiling) and what to look at; the lines below name the "
+                 "counterfactuals behind each 'no'.")
+
+
+SOURCES_TITLE = "Where the unmet checks come from (cfaudit.judges_sources; the counterfactuals to look at)"
 
 
 def _markdown_table(table: pd.DataFrame) -> list[str]:
@@ -461,10 +468,12 @@ def _markdown_table(table: pd.DataFrame) -> list[str]:
 
 
 def judges_markdown(summary: pd.DataFrame, diffs: pd.DataFrame, notes: list[str],
-                    criteria: pd.DataFrame | None = None) -> str:
+                    criteria: pd.DataFrame | None = None, sources: list[str] = ()) -> str:
     lines = ["# Are the counterfactuals semantic?", ""] + _markdown_table(summary)
     if criteria is not None and len(criteria):
         lines += ["", f"## {CRITERIA_TITLE}", ""] + _markdown_table(criteria) + ["", CRITERIA_NOTE]
+        if sources:
+            lines += ["", f"{SOURCES_TITLE}:", ""] + [f"- {s}" for s in sources]
     lines += ["", "## Paired differences a − b", "", "| a | b | direction | metric | estimate [95 % CI] | n |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r.a} | {r.b} | {r.direction} | {r.metric} | {r.estimate:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "

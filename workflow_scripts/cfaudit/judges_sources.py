@@ -1,0 +1,147 @@
+"""Where an unmet check of the judges' criteria table comes from: the counterfactuals behind it.
+
+The criteria table (:func:`cfaudit.judges_stage.criteria_table`) says which check of the method under test failed
+and by how much. A researcher's next question is which images make it fail: a realism FD or a pooled out-of-gamut
+share is often carried by a few counterfactuals, a lost flip is one image, a flip-rate gap is a list of anchors.
+These functions name them (anchor → target) beside the same numbers for the baseline, so the report says where an
+unmet check comes from and where to look — without changing what any check measures (the table's numbers are
+computed before and apart from them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cfaudit import judges as J
+
+TARGET_NAMES = {0: "benign", 1: "malignant"}
+SHOWN = {"gan": "the GAN", "diffusion": "SDEdit"}
+ARROWS = {"b2m": "b→m", "m2b": "m→b"}
+METHOD = "guided"
+LIST_LIMIT = 8
+
+
+def pair_list(anchor_ids, targets, limit: int = LIST_LIMIT) -> str:
+    """'SYN_1 → malignant, SYN_2 → benign, … (+3 more)': the first ``limit`` pairs in the given order."""
+    pairs = [f"{a} → {TARGET_NAMES.get(int(t), t)}" for a, t in zip(anchor_ids, targets)]
+    more = f", … (+{len(pairs) - limit} more)" if len(pairs) > limit else ""
+    return ", ".join(pairs[:limit]) + more
+
+
+def feature_outliers(features: dict, generator: str) -> pd.DataFrame:
+    """Counterfactuals of ``generator`` whose judge features lie farther (squared Euclidean) from the reference
+    images' mean than every reference image does, farthest first; ``ratio`` = their distance over the farthest
+    reference image's. An FD's mean term grows with such points, so a few of them can carry it."""
+    ref = np.asarray(features["reference"], np.float64)
+    mu = ref.mean(0)
+    farthest = float(((ref - mu) ** 2).sum(1).max())
+    dist = (((np.asarray(features[f"gen:{generator}"], np.float64) - mu) ** 2).sum(1))
+    out = pd.DataFrame({"anchor_id": features[f"anchor:{generator}"].astype(str),
+                        "target_label": features[f"target:{generator}"].astype(int), "ratio": dist / farthest})
+    return out[out["ratio"] > 1.0].sort_values("ratio", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def gamut_concentration(per_image: pd.DataFrame, generator: str, top: int = 5) -> tuple[float, pd.DataFrame]:
+    """(share of the sum of the generator's per-image out-of-gamut shares held by its ``top`` counterfactuals with
+    the largest, those rows), over its counterfactuals toward the other class — the judge's out-of-gamut number is
+    the mean of those shares, so this is how much of it a few images carry."""
+    d = per_image[(per_image["generator"] == generator) & (per_image["anchor_label"] != per_image["target_label"])]
+    d = d.assign(off=d["out_of_gamut_share"].fillna(0.0)).sort_values("off", ascending=False, kind="stable")
+    total = float(d["off"].sum())
+    head = d.head(top)
+    return (float(head["off"].sum()) / total if total > 0 else 0.0), head[head["off"] > 0]
+
+
+def lost_flips(survival: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a survival table (``judges_stage._survival``: per anchor and direction, a 0/1 column per transform,
+    nan without a flip) whose flip is lost under at least one transform, with the transforms that lose it."""
+    cols = [c for c in J.TRANSFORMS if c in survival]
+    lost = survival[(survival[cols] == 0).any(axis=1)].copy()
+    lost["lost_under"] = [", ".join(c for c in cols if r[c] == 0) for _, r in lost.iterrows()]
+    lost["target_label"] = lost["direction"].map({k: v[1] for k, v in J.DIRECTIONS.items()})
+    return lost.reset_index(drop=True)
+
+
+def flips_behind(consensus: dict, generator: str, other: str, direction: str) -> pd.DataFrame:
+    """Anchors of ``direction`` whose mean oracle flip is higher for ``other`` than for ``generator`` (the gap's
+    anchors), largest gap first."""
+    a = consensus[generator].query("direction == @direction").set_index("anchor_id")["flipped"]
+    b = consensus[other].query("direction == @direction").set_index("anchor_id")["flipped"]
+    gap = (b - a.reindex(b.index)).dropna()
+    gap = gap[gap > 0].sort_values(ascending=False, kind="stable")
+    return pd.DataFrame({"anchor_id": gap.index.astype(str), "gap": gap.to_numpy(),
+                         "target_label": J.DIRECTIONS[direction][1]})
+
+
+def _fd_source(features: dict | None, baselines: list[str]) -> str | None:
+    if features is None or f"gen:{METHOD}" not in features:
+        return None
+    n = {g: len(features[f"gen:{g}"]) for g in [METHOD, *baselines] if f"gen:{g}" in features}
+    out = {g: feature_outliers(features, g) for g in n}
+    mine = out[METHOD]
+    text = (f"realism FD: {len(mine)} of {n[METHOD]} {METHOD} counterfactuals lie farther from the real images' "
+            "mean judge feature than any real image")
+    if len(mine):
+        text += (f" ({mine['ratio'].min():.1f}–{mine['ratio'].max():.1f}× the farthest real image's squared "
+                 f"distance): {pair_list(mine['anchor_id'], mine['target_label'])}")
+    others = [f"{SHOWN.get(g, g)} {len(out[g])} of {n[g]}" + (f" (up to {out[g]['ratio'].max():.1f}×)" if len(out[g]) else "")
+              for g in baselines if g in out]
+    return text + ("; " + ", ".join(others) if others else "") + "."
+
+
+def _gamut_source(per_image: pd.DataFrame) -> str:
+    share, head = gamut_concentration(per_image, METHOD)
+    gan_share, _ = gamut_concentration(per_image, "gan")
+    names = pair_list(head["anchor_id"], head["target_label"])
+    return (f"out-of-gamut share: the {len(head)} {METHOD} counterfactuals with the largest out-of-gamut share carry "
+            f"{share:.0%} of its mean ({names}); the GAN's five carry {gan_share:.0%} of its.")
+
+
+def _survival_source(survival: dict) -> str:
+    def count(g):
+        s = survival[g]
+        return len(lost_flips(s)), int(s[list(J.TRANSFORMS)].notna().any(axis=1).sum())
+
+    lost = lost_flips(survival[METHOD])
+    (k, n), (kg, ng) = count(METHOD), count("gan") if "gan" in survival else (0, 0)
+    where = {t: int(lost["lost_under"].str.contains(t, regex=False).sum()) for t in J.TRANSFORMS}
+    return (f"flip survival: {METHOD} loses {k} of its {n} audited flips under at least one transform "
+            f"({', '.join(f'{t} {c}' for t, c in where.items())}): "
+            f"{pair_list(lost['anchor_id'], lost['target_label'])}; the GAN {kg} of {ng}.")
+
+
+def _flip_source(consensus: dict, other: str, direction: str) -> str:
+    behind = flips_behind(consensus, METHOD, other, direction)
+    label = "PGD" if other == "pgd" else "the GAN"
+    text = (f"oracle flips {ARROWS[direction]} vs {label}: {len(behind)} anchor{'' if len(behind) == 1 else 's'} "
+            f"where {label}'s counterfactual flips more "
+            f"oracles than {METHOD}'s" + (f": {pair_list(behind['anchor_id'], behind['target_label'])}"
+                                          if len(behind) else ""))
+    if other == "pgd":
+        text += (" — PGD works at guided's own per-image L2 budget; whether any generator can beat it on this data "
+                 "is the ceiling (docs/judges.md; python -m cfaudit.ceiling on the embedded data)")
+    return text + "."
+
+
+def unmet_sources(criteria: pd.DataFrame, per_image: pd.DataFrame, features: dict | None, survival: dict,
+                  consensus: dict) -> list[str]:
+    """One line per unmet check of ``criteria`` (:func:`cfaudit.judges_stage.criteria_table`) naming the
+    counterfactuals or anchors behind it; ``survival`` / ``consensus``: {generator: the judges' per-anchor tables}."""
+    arrows = {v: k for k, v in ARROWS.items()}
+    lines, fd_done = [], False
+    for r in criteria[criteria["met"] == "no"].itertuples(index=False):
+        c = r.criterion
+        if c.startswith("oracle flip rate"):
+            other = "pgd" if "PGD" in c else "gan"
+            if other in consensus and METHOD in consensus:
+                lines.append(_flip_source(consensus, other, arrows[r.direction]))
+        elif c.startswith("realism FD") and not fd_done:
+            fd_done = True
+            line = _fd_source(features, [g for g in ("gan", "diffusion") if features and f"gen:{g}" in features])
+            lines += [line] if line else []
+        elif c.startswith("out-of-gamut"):
+            lines.append(_gamut_source(per_image))
+        elif c.startswith("flip survival") and METHOD in survival:
+            lines.append(_survival_source(survival))
+    return lines
