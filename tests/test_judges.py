@@ -269,7 +269,9 @@ def test_unmet_sources_name_the_counterfactuals_behind_each_unmet_check():
                                            "flip survival ≥ the GAN's", "L1 to the anchor ≤ the GAN's"],
                              "direction": ["b→m", "both", "both", "both", "both", "both"],
                              "met": ["no", "no", "no", "no", "no", "yes"]})
-    lines = unmet_sources(criteria, per_image, features, survival, consensus)
+    sources = unmet_sources(criteria, per_image, features, survival, consensus)
+    lines = [text for text, _ in sources]
+    assert list(sources[1][1]["anchor_id"]) == ["B", "C"]  # the pairs behind the FD line, farthest first
     assert len(lines) == 4  # one FD line for both FD checks, none for the met L1 check
     assert "1 anchor where the GAN" in lines[0] and "A → malignant" in lines[0] and "D →" not in lines[0]
     assert "2 of 3 guided" in lines[1] and "B → benign, C → malignant" in lines[1] and "the GAN 0 of 1" in lines[1]
@@ -277,6 +279,30 @@ def test_unmet_sources_name_the_counterfactuals_behind_each_unmet_check():
     assert "carry 90% of its mean" in lines[2] and "A → malignant, B → benign" in lines[2] and "H →" not in lines[2]
     assert "loses 2 of its 2" in lines[3] and "jpeg75 1, blur0.5 2, shift1 0" in lines[3] and "the GAN 0 of 2" in lines[3]
     assert unmet_sources(criteria.assign(met="yes"), per_image, features, survival, consensus) == []
+
+
+def test_thumbnails_show_the_anchor_and_the_named_counterfactual(tmp_path):
+    """cfaudit.judges_sources.thumbnails_html: per named pair the anchor's and the guided counterfactual's own pixels
+    (decoded back from the inline PNGs), captioned; pairs without images are skipped."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from cfaudit.judges_sources import thumbnails_html
+
+    paths = {}
+    for name, colour in (("a", (200, 10, 10)), ("cf", (10, 10, 200))):
+        paths[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (8, 8), colour).save(paths[name])
+    scores = pd.DataFrame({"generator": ["original", "guided"], "image_id": ["A", "A_to1"], "anchor_id": ["A", "A"],
+                           "target_label": [0, 1], "path": [str(paths["a"]), str(paths["cf"])]})
+    out = thumbnails_html(pd.DataFrame({"anchor_id": ["A", "Z"], "target_label": [1, 1]}), scores, size=16)
+    uris = re.findall(r"src='data:image/png;base64,([^']+)'", out)
+    pixels = [Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB").getpixel((3, 3)) for u in uris]
+    assert pixels == [(200, 10, 10), (10, 10, 200)] and "A → malignant" in out and "Z →" not in out
+    assert thumbnails_html(pd.DataFrame({"anchor_id": ["Z"], "target_label": [0]}), scores) == ""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from cfaudit import judges as J
 
 TARGET_NAMES = {0: "benign", 1: "malignant"}
 SHOWN = {"gan": "the GAN", "diffusion": "SDEdit"}
+Source = tuple  # (line of text, DataFrame of the (anchor_id, target_label) pairs it names)
 ARROWS = {"b2m": "b→m", "m2b": "m→b"}
 METHOD = "guided"
 LIST_LIMIT = 8
@@ -74,7 +75,7 @@ def flips_behind(consensus: dict, generator: str, other: str, direction: str) ->
                          "target_label": J.DIRECTIONS[direction][1]})
 
 
-def _fd_source(features: dict | None, baselines: list[str]) -> str | None:
+def _fd_source(features: dict | None, baselines: list[str]) -> Source | None:
     if features is None or f"gen:{METHOD}" not in features:
         return None
     n = {g: len(features[f"gen:{g}"]) for g in [METHOD, *baselines] if f"gen:{g}" in features}
@@ -87,18 +88,18 @@ def _fd_source(features: dict | None, baselines: list[str]) -> str | None:
                  f"distance): {pair_list(mine['anchor_id'], mine['target_label'])}")
     others = [f"{SHOWN.get(g, g)} {len(out[g])} of {n[g]}" + (f" (up to {out[g]['ratio'].max():.1f}×)" if len(out[g]) else "")
               for g in baselines if g in out]
-    return text + ("; " + ", ".join(others) if others else "") + "."
+    return text + ("; " + ", ".join(others) if others else "") + ".", mine
 
 
-def _gamut_source(per_image: pd.DataFrame) -> str:
+def _gamut_source(per_image: pd.DataFrame) -> Source:
     share, head = gamut_concentration(per_image, METHOD)
     gan_share, _ = gamut_concentration(per_image, "gan")
     names = pair_list(head["anchor_id"], head["target_label"])
     return (f"out-of-gamut share: the {len(head)} {METHOD} counterfactuals with the largest out-of-gamut share carry "
-            f"{share:.0%} of its mean ({names}); the GAN's five carry {gan_share:.0%} of its.")
+            f"{share:.0%} of its mean ({names}); the GAN's five carry {gan_share:.0%} of its."), head
 
 
-def _survival_source(survival: dict) -> str:
+def _survival_source(survival: dict) -> Source:
     def count(g):
         s = survival[g]
         return len(lost_flips(s)), int(s[list(J.TRANSFORMS)].notna().any(axis=1).sum())
@@ -108,10 +109,10 @@ def _survival_source(survival: dict) -> str:
     where = {t: int(lost["lost_under"].str.contains(t, regex=False).sum()) for t in J.TRANSFORMS}
     return (f"flip survival: {METHOD} loses {k} of its {n} audited flips under at least one transform "
             f"({', '.join(f'{t} {c}' for t, c in where.items())}): "
-            f"{pair_list(lost['anchor_id'], lost['target_label'])}; the GAN {kg} of {ng}.")
+            f"{pair_list(lost['anchor_id'], lost['target_label'])}; the GAN {kg} of {ng}."), lost
 
 
-def _flip_source(consensus: dict, other: str, direction: str) -> str:
+def _flip_source(consensus: dict, other: str, direction: str) -> Source:
     behind = flips_behind(consensus, METHOD, other, direction)
     label = "PGD" if other == "pgd" else "the GAN"
     text = (f"oracle flips {ARROWS[direction]} vs {label}: {len(behind)} anchor{'' if len(behind) == 1 else 's'} "
@@ -121,13 +122,14 @@ def _flip_source(consensus: dict, other: str, direction: str) -> str:
     if other == "pgd":
         text += (" — PGD works at guided's own per-image L2 budget; whether any generator can beat it on this data "
                  "is the ceiling (docs/judges.md; python -m cfaudit.ceiling on the embedded data)")
-    return text + "."
+    return text + ".", behind
 
 
 def unmet_sources(criteria: pd.DataFrame, per_image: pd.DataFrame, features: dict | None, survival: dict,
-                  consensus: dict) -> list[str]:
-    """One line per unmet check of ``criteria`` (:func:`cfaudit.judges_stage.criteria_table`) naming the
-    counterfactuals or anchors behind it; ``survival`` / ``consensus``: {generator: the judges' per-anchor tables}."""
+                  consensus: dict) -> list[Source]:
+    """One (line, pairs) per unmet check of ``criteria`` (:func:`cfaudit.judges_stage.criteria_table`): the line
+    names the counterfactuals or anchors behind it, ``pairs`` (anchor_id, target_label) are they, worst first;
+    ``survival`` / ``consensus``: {generator: the judges' per-anchor tables}."""
     arrows = {v: k for k, v in ARROWS.items()}
     lines, fd_done = [], False
     for r in criteria[criteria["met"] == "no"].itertuples(index=False):
@@ -145,3 +147,41 @@ def unmet_sources(criteria: pd.DataFrame, per_image: pd.DataFrame, features: dic
         elif c.startswith("flip survival") and METHOD in survival:
             lines.append(_survival_source(survival))
     return lines
+
+
+def _png_data_uri(image, size: int) -> str:
+    """A small PNG data URI of a PIL image at ``size`` px (pixels kept when enlarging, LANCZOS when shrinking)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    if image.width > size:
+        image = image.resize((size, size), Image.LANCZOS)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def thumbnails_html(pairs: pd.DataFrame, scores: pd.DataFrame, limit: int = 4, size: int = 96) -> str:
+    """Anchor | guided counterfactual of the first ``limit`` pairs, as inline images (so the judges page and the
+    report show what the line names). ``scores``: the scores table with ``anchor_id`` (paths of both images)."""
+    import html
+
+    from PIL import Image
+
+    from cfaudit.names import ORIGINAL
+
+    cells = []
+    for anchor, target in list(zip(pairs["anchor_id"].astype(str), pairs["target_label"].astype(int)))[:limit]:
+        orig = scores[(scores["generator"] == ORIGINAL) & (scores["image_id"].astype(str) == anchor)]
+        cf = scores[(scores["generator"] == METHOD) & (scores["anchor_id"].astype(str) == anchor)
+                    & (scores["target_label"] == target)]
+        if orig.empty or cf.empty:
+            continue
+        imgs = "".join(f"<img src='{_png_data_uri(Image.open(p), size)}' width='{size}' height='{size}' "
+                       "style='image-rendering:pixelated;margin-right:2px'>" for p in (orig["path"].iloc[0], cf["path"].iloc[0]))
+        cap = html.escape(f"{anchor} → {TARGET_NAMES.get(target, target)}")
+        cells.append(f"<figure style='display:inline-block;margin:0 12px 6px 0'>{imgs}"
+                     f"<figcaption style='font-size:11px'>{cap}</figcaption></figure>")
+    return "<div>" + "".join(cells) + "</div>" if cells else ""

@@ -363,8 +363,6 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
                 closeness_path, realism_csv, features_path, generators, boot: dict, seed: int, fd_resamples: int,
                 out_csv, out_diff, out_md, out_html) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """judges.csv (long), judges_differences.csv (paired a - b), judges.md / judges.html (summary + verdicts)."""
-    from cfaudit.report import table_html
-
     thr = float(read_spec(spec_path)["threshold"])
     scores = read_scores(scores_path, anchors_path)
     oracle_tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
@@ -410,19 +408,36 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     notes = judges_notes(specs, boot)
     criteria = criteria_table(long, diffs, list(generators))
     sources = unmet_sources(criteria, per_image, features, survivals, consensus)
-    atomic_write_text(out_md, judges_markdown(summary, diffs, notes, criteria, sources))
-    diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
-                                    zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
-    page = table_html(summary, "Are the counterfactuals semantic?", notes)
-    source_notes = [f"{SOURCES_TITLE}:", *(f"• {x}" for x in sources)] if sources else []
-    sections = [(criteria, CRITERIA_TITLE, [CRITERIA_NOTE, *source_notes])] if len(criteria) else []
-    sections.append((diff_view[["a", "b", "direction", "metric", "value", "n"]],
-                     "Paired differences a − b (bootstrap over anchors)", None))
-    for table, title, table_notes in sections:
-        page = page.replace("</body></html>", table_html(table, title, table_notes).split("<body>", 1)[1])
-    atomic_write_text(out_html, page)
+    atomic_write_text(out_md, judges_markdown(summary, diffs, notes, criteria, [text for text, _ in sources]))
+    atomic_write_text(out_html, judges_html(summary, diffs, notes, criteria, sources, scores))
     log.info("judges: %s", dict(zip(summary["generator"], summary["verdict"])))
     return long, diffs, summary
+
+
+def judges_html(summary: pd.DataFrame, diffs: pd.DataFrame, notes: list[str], criteria: pd.DataFrame,
+                sources: list, scores: pd.DataFrame) -> str:
+    """judges.html: the summary, the checks with the lines behind each unmet one and thumbnails (anchor | guided
+    counterfactual) of the first images each line names, and the paired differences."""
+    import html
+
+    from cfaudit.judges_sources import thumbnails_html
+    from cfaudit.report import table_html
+
+    def section(table, title, table_notes=None):
+        return table_html(table, title, table_notes).split("<body>", 1)[1].replace("</body></html>", "")
+
+    diff_view = diffs.assign(value=[f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]" for e, lo, hi in
+                                    zip(diffs["estimate"], diffs["ci_low"], diffs["ci_high"])])
+    body = ""
+    if len(criteria):
+        body += section(criteria, CRITERIA_TITLE, [CRITERIA_NOTE])
+        if sources:
+            body += f"<p class='note'>{html.escape(SOURCES_TITLE)}:</p>"
+            body += "".join(f"<p class='note'>• {html.escape(text)}</p>{thumbnails_html(pairs, scores)}"
+                            for text, pairs in sources)
+    body += section(diff_view[["a", "b", "direction", "metric", "value", "n"]],
+                    "Paired differences a − b (bootstrap over anchors)")
+    return table_html(summary, "Are the counterfactuals semantic?", notes).replace("</body></html>", body + "</body></html>")
 
 
 def judges_notes(specs: dict, boot: dict) -> list[str]:
