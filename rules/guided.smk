@@ -20,7 +20,10 @@ if not GUIDED_SAMPLING["mask"].get("smooth"):
 # no cone either: changing it reruns only guided).
 GUIDED_VARIANTS = {
     "guided": GUIDED_SAMPLING,
-    "guided_noclf": {**GUIDED_SAMPLING, "scales": [0.0], "max_retries": 0, "cone": {"enabled": False}},
+    "guided_noclf": {**GUIDED_SAMPLING, "scales": [0.0], "max_retries": 0, "cone": {"enabled": False},
+                     # one attempt: the retries' margin changes nothing
+                     "early_stop": {k: v for k, v in GUIDED_SAMPLING["early_stop"].items()
+                                    if k not in ("retry_margin", "on_retries")}},
 }
 CONE = bool(GUIDED_CFG["cone"]["enabled"])
 ROBUST_DIR = f"{RESULTS}/guided/robust"

@@ -123,6 +123,24 @@ def test_mask_keeps_pixels_outside_on_the_anchor_noising_path():
     assert torch.allclose(info["mask_fraction"], last["mask"].flatten(1).mean(1))
 
 
+def test_early_stop_margins_a_softmax_score_can_never_pass_are_refused():
+    """guided.check_margins: on every attempt of the ladder threshold ± (margin + k * retry_margin) must lie inside
+    (0, 1) for a softmax score, else that attempt's early stop could never fire; logit scores have no bound."""
+    from cfaudit.guided import check_margins
+
+    es = {"enabled": True, "margin": 0.3, "retry_margin": 0.2}
+    cfg = {"early_stop": es, "scales": [0.1, 0.3, 0.9], "max_retries": 2}
+    with pytest.raises(ValueError, match=r"retry_margin.*attempt 2 of the ladder"):
+        check_margins(cfg, 0.5, "softmax")  # 0.3, 0.5, 0.7: attempt 2 needs a score above 1.0
+    check_margins({**cfg, "early_stop": {**es, "retry_margin": 0.05}}, 0.5, "softmax")  # 0.3, 0.35, 0.4
+    check_margins({**cfg, "max_retries": 0}, 0.5, "softmax")  # only the first attempt (0.3) is tried
+    check_margins(cfg, 0.5, "logit")
+    check_margins({**cfg, "early_stop": {**es, "enabled": False}}, 0.5, "softmax")
+    check_margins({**cfg, "early_stop": {**es, "on_retries": False}}, 0.5, "softmax")  # retries guide every step
+    with pytest.raises(ValueError, match="at most -0.05"):  # the benign side: threshold 0.25 - 0.3 < 0
+        check_margins({**cfg, "early_stop": {**es, "retry_margin": 0.0}}, 0.25, "softmax")
+
+
 def test_change_mask_threshold_and_dilation():
     a = torch.zeros(1, 3, 9, 9)
     x = a.clone()
@@ -407,6 +425,25 @@ def test_the_ladder_retries_from_the_listed_strengths():
     from cfaudit.data.pack import float_to_uint8
 
     assert np.array_equal(images[0], float_to_uint8(last)[0]) and outcome["steps"].iloc[0] == n_steps
+
+
+def test_retries_without_early_stop_are_retries_whose_margin_the_score_cannot_pass():
+    """early_stop.on_retries: false guides every step of a retry — exactly what a retry margin beyond a softmax
+    score's range did before check_margins refused it (same images, steps and flags), while the first attempt keeps
+    its early stop."""
+    from cfaudit.guided import attempt_early_stop
+
+    es = {"enabled": True, "margin": 0.1, "resume": True, "finish": "denoise"}
+    cfg = base_cfg(scales=[0.0, 0.3], max_retries=1, early_stop={**es, "retry_margin": 0.0, "on_retries": False})
+    assert attempt_early_stop(cfg, 0)["enabled"] and not attempt_early_stop(cfg, 1)["enabled"]
+    assert attempt_early_stop({**cfg, "early_stop": {**es, "retry_margin": 0.2}}, 1)["margin"] == pytest.approx(0.3)
+    model, _ = tiny_unet()
+    sched, clf, a, tg = LinearSchedule(T), tiny_classifier(), anchors(3), torch.tensor([1, 0, 1])
+    explicit, out_explicit = guided_ladder(model, sched, clf, a, tg, [4, 5, 6], cfg)
+    unreachable = base_cfg(scales=[0.0, 0.3], max_retries=1, early_stop={**es, "retry_margin": 0.95})  # 0.5 + 1.05
+    silent, out_silent = guided_ladder(model, sched, clf, a, tg, [4, 5, 6], unreachable)
+    assert (out_explicit["attempts"] == 2).any()  # some pair was retried
+    assert np.array_equal(explicit, silent) and out_explicit.equals(out_silent)
 
 
 def test_gradient_through_the_unet_is_the_chain_rule_through_one_call():

@@ -86,6 +86,33 @@ def check_settings(cfg: dict) -> None:
         raise ValueError(f"config key 'guided.early_stop.finish': {cfg['early_stop']['finish']!r} is not one of denoise, x0")
 
 
+def check_margins(cfg: dict, threshold: float, score_space: str) -> None:
+    """Refuse early-stop margins that the classifier's score can never pass. A softmax score lies in [0, 1], so on
+    every attempt of the ladder (margin ``margin + k * retry_margin``) ``threshold ± margin`` must stay inside
+    (0, 1); otherwise that attempt's early stop can never fire and its guidance silently runs every step at its
+    (larger) scale. A logit score has no bound."""
+    es = cfg["early_stop"]
+    if score_space != "softmax":
+        return
+    for k, m in enumerate(ladder_margins(cfg)):
+        if attempt_early_stop(cfg, k)["enabled"] and (threshold + m >= 1.0 or threshold - m <= 0.0):
+            raise ValueError(
+                f"config keys 'guided.early_stop.margin' ({es['margin']:g}) + {k} x 'guided.early_stop.retry_margin' "
+                f"({es.get('retry_margin', 0.0):g}) = {m:g}: with the classifier's threshold {threshold:g} on a softmax "
+                f"score in [0, 1], attempt {k + 1} of the ladder could never stop early (it needs a score above "
+                f"{threshold + m:g} or at most {threshold - m:g}); lower them so that threshold ± margin stays inside "
+                "(0, 1) on every attempt (1 + guided.max_retries), or set 'guided.early_stop.on_retries: false' for "
+                "retries that guide every step")
+
+
+def attempt_early_stop(cfg: dict, k: int) -> dict:
+    """The ``early_stop`` settings of attempt k of the ladder: its margin (:func:`ladder_margins`), and off on the
+    retries (k >= 1) with ``on_retries: false`` — a retry then guides every step at its larger scale."""
+    es = cfg["early_stop"]
+    on = bool(es["enabled"]) and (k == 0 or bool(es.get("on_retries", True)))
+    return {**es, "margin": ladder_margins(cfg)[k], "enabled": on}
+
+
 def ladder_scales(cfg: dict) -> list[float]:
     """The scales actually tried: the first 1 + max_retries entries of the ladder."""
     return [float(s) for s in cfg["scales"][: 1 + int(cfg["max_retries"])]]
@@ -524,8 +551,7 @@ def guided_ladder(model, schedule: LinearSchedule, clf, anchors: torch.Tensor, t
     todo = np.arange(p)
     for k, scale in enumerate(ladder_scales(cfg)):
         sel = torch.as_tensor(todo, device=device)
-        cfg_k = {**cfg, "strength": ladder_strengths(cfg)[k],
-                 "early_stop": {**cfg["early_stop"], "margin": ladder_margins(cfg)[k]}}
+        cfg_k = {**cfg, "strength": ladder_strengths(cfg)[k], "early_stop": attempt_early_stop(cfg, k)}
         imgs, info, n_steps = guided_sample(model, schedule, clf, anchors[sel], targets[sel], [seeds[j] for j in todo], cfg_k,
                                             scale, amp_dtype=amp_dtype, channels_last=channels_last, robust=robust)
         if cfg.get("project", {}).get("enabled", False):
@@ -622,6 +648,7 @@ def run_guided_shard(*, checkpoint, classifier_spec, pack, pack_index, anchors_c
         raise ValueError(str(err).replace("diffusion.counterfactual.use_ema", "guided.use_ema")) from None
     meta["precision"] = prec
     clf = load_classifier(classifier_spec, device)
+    check_margins(cfg, clf.threshold, clf.score_space)
     robust = load_classifier(robust_spec, device) if robust_spec else None
     anchors = pd.read_csv(anchors_csv)
     log.info("guided: %s (%s weights, step %d), s=%.3g -> t0=%d of T=%d, sampler %s (%d steps), CFG w=%g, scales %s (%s, "
