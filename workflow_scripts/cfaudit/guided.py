@@ -94,8 +94,10 @@ def check_margins(cfg: dict, threshold: float, score_space: str) -> None:
     es = cfg["early_stop"]
     if score_space != "softmax":
         return
-    for k, m in enumerate(ladder_margins(cfg)):
-        if attempt_early_stop(cfg, k)["enabled"] and (threshold + m >= 1.0 or threshold - m <= 0.0):
+    for k in range(len(ladder_scales(cfg))):
+        stop = attempt_early_stop(cfg, k)
+        m = stop["margin"]
+        if stop["enabled"] and (threshold + m >= 1.0 or threshold - m <= 0.0):
             raise ValueError(
                 f"config keys 'guided.early_stop.margin' ({es['margin']:g}) + {k} x 'guided.early_stop.retry_margin' "
                 f"({es.get('retry_margin', 0.0):g}) = {m:g}: with the classifier's threshold {threshold:g} on a softmax "

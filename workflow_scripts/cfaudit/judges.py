@@ -33,6 +33,7 @@ from cfaudit.data.pack import round_to_uint8
 from cfaudit.metrics import Interval, bootstrap, wilson_interval
 
 DIRECTIONS = {"b2m": (0, 1), "m2b": (1, 0)}  # name: (anchor label, target label)
+ARROWS = {"b2m": "b→m", "m2b": "m→b"}  # how a direction is printed
 TRANSFORMS = ("jpeg75", "blur0.5", "shift1")
 
 
@@ -273,7 +274,7 @@ def oracle_table1_rows(scores: pd.DataFrame, threshold: float, oracle_tabs: dict
         if not per_oracle:
             continue
         cons = oracle_consensus(per_oracle)
-        for k, (direction, arrow) in enumerate((("b2m", "b→m"), ("m2b", "m→b"))):
+        for k, (direction, arrow) in enumerate(ARROWS.items()):
             for name, df in per_oracle.items():
                 add(gen, f"oracle flip rate {arrow} [{name}]", rate_row(df.loc[df["direction"] == direction, "flipped"],
                                                                           level), "oracle score > its threshold; Wilson")

@@ -14,18 +14,17 @@ import numpy as np
 import pandas as pd
 
 from cfaudit import judges as J
+from cfaudit.data.split import CLASS_NAMES
 
-TARGET_NAMES = {0: "benign", 1: "malignant"}
 SHOWN = {"gan": "the GAN", "diffusion": "SDEdit"}
 Source = tuple  # (line of text, DataFrame of the (anchor_id, target_label) pairs it names)
-ARROWS = {"b2m": "b→m", "m2b": "m→b"}
 METHOD = "guided"
 LIST_LIMIT = 8
 
 
 def pair_list(anchor_ids, targets, limit: int = LIST_LIMIT) -> str:
     """'SYN_1 → malignant, SYN_2 → benign, … (+3 more)': the first ``limit`` pairs in the given order."""
-    pairs = [f"{a} → {TARGET_NAMES.get(int(t), t)}" for a, t in zip(anchor_ids, targets)]
+    pairs = [f"{a} → {CLASS_NAMES.get(int(t), t)}" for a, t in zip(anchor_ids, targets)]
     more = f", … (+{len(pairs) - limit} more)" if len(pairs) > limit else ""
     return ", ".join(pairs[:limit]) + more
 
@@ -115,7 +114,7 @@ def _survival_source(survival: dict) -> Source:
 def _flip_source(consensus: dict, other: str, direction: str) -> Source:
     behind = flips_behind(consensus, METHOD, other, direction)
     label = "PGD" if other == "pgd" else "the GAN"
-    text = (f"oracle flips {ARROWS[direction]} vs {label}: {len(behind)} anchor{'' if len(behind) == 1 else 's'} "
+    text = (f"oracle flips {J.ARROWS[direction]} vs {label}: {len(behind)} anchor{'' if len(behind) == 1 else 's'} "
             f"where {label}'s counterfactual flips more "
             f"oracles than {METHOD}'s" + (f": {pair_list(behind['anchor_id'], behind['target_label'])}"
                                           if len(behind) else ""))
@@ -130,7 +129,7 @@ def unmet_sources(criteria: pd.DataFrame, per_image: pd.DataFrame, features: dic
     """One (line, pairs) per unmet check of ``criteria`` (:func:`cfaudit.judges_stage.criteria_table`): the line
     names the counterfactuals or anchors behind it, ``pairs`` (anchor_id, target_label) are they, worst first;
     ``survival`` / ``consensus``: {generator: the judges' per-anchor tables}."""
-    arrows = {v: k for k, v in ARROWS.items()}
+    arrows = {v: k for k, v in J.ARROWS.items()}
     lines, fd_done = [], False
     for r in criteria[criteria["met"] == "no"].itertuples(index=False):
         c = r.criterion
@@ -181,7 +180,7 @@ def thumbnails_html(pairs: pd.DataFrame, scores: pd.DataFrame, limit: int = 4, s
             continue
         imgs = "".join(f"<img src='{_png_data_uri(Image.open(p), size)}' width='{size}' height='{size}' "
                        "style='image-rendering:pixelated;margin-right:2px'>" for p in (orig["path"].iloc[0], cf["path"].iloc[0]))
-        cap = html.escape(f"{anchor} → {TARGET_NAMES.get(target, target)}")
+        cap = html.escape(f"{anchor} → {CLASS_NAMES.get(target, target)}")
         cells.append(f"<figure style='display:inline-block;margin:0 12px 6px 0'>{imgs}"
                      f"<figcaption style='font-size:11px'>{cap}</figcaption></figure>")
     return "<div>" + "".join(cells) + "</div>" if cells else ""

@@ -293,7 +293,7 @@ def summary_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str]
         num = generator_numbers(long, gen)
         oracle = _pooled(long, gen, "oracle flip rate", "mean of oracles")
         row = {"generator": gen}
-        for d, arrow in (("b2m", "b→m"), ("m2b", "m→b")):
+        for d, arrow in J.ARROWS.items():
             row[f"audited flip {arrow}"] = est(gen, d, "audited flip rate", "audited")
             row[f"oracle flip {arrow}"] = est(gen, d, "oracle flip rate", "mean of oracles")
         row["survival (mean of 3)"] = f"{num['survival']:.2f}" if np.isfinite(num["survival"]) else "n/a"
@@ -333,15 +333,14 @@ def criteria_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str
         return [criterion, direction, f"{mine:.3g}", f"{other:.3g}", ci, met_text]
 
     rows, numbers = [], {g: generator_numbers(long, g) for g in generators}
-    arrows = {"b2m": "b→m", "m2b": "m→b"}
     for direction in J.DIRECTIONS:
         if "gan" in generators:
             mine, other = rate("guided", direction), rate("gan", direction)
-            rows.append(row("oracle flip rate ≥ the GAN's", arrows[direction], mine, other,
+            rows.append(row("oracle flip rate ≥ the GAN's", J.ARROWS[direction], mine, other,
                             paired("gan", direction, "mean oracle flip rate"), mine >= other))
         if "pgd" in generators:
             d = paired("pgd", direction, "mean oracle flip rate")
-            rows.append(row("oracle flip rate above PGD's (interval above 0)", arrows[direction],
+            rows.append(row("oracle flip rate above PGD's (interval above 0)", J.ARROWS[direction],
                             rate("guided", direction), rate("pgd", direction), d, d is not None and d["ci_low"] > 0))
     g = numbers["guided"]
     for other, label in (("gan", "the GAN's"), ("diffusion", "SDEdit's")):
