@@ -7,24 +7,13 @@
 # -> gather_counterfactuals -> results/counterfactuals/guided/index.csv (scored, paneled and measured like the
 # other generators).
 
+from cfaudit.config import guided_variants  # noqa: E402
 from cfaudit.robust import check_robust, robust_recipe  # noqa: E402
 
 GUIDED_CFG = config["guided"]
-GUIDED_SAMPLING = result_settings(config, "guided", drop=("cone.model",))  # the model is the robust rule's input
-if not GUIDED_SAMPLING["cone"]["enabled"]:
-    GUIDED_SAMPLING["cone"] = {"enabled": False}  # the angle of a cone that is off changes nothing: no rerun
-if not GUIDED_SAMPLING["mask"].get("smooth"):
-    GUIDED_SAMPLING["mask"].pop("smooth", None)  # unsmoothed = every run before the key existed: no rerun
 # guided_noclf (a control of the judges, rules/judges.smk): the same sampler, strength, mask, CFG and noise with
-# the classifier-gradient scale 0, i.e. what the diffusion prior alone does from the same start (no gradient, so
-# no cone either: changing it reruns only guided).
-GUIDED_VARIANTS = {
-    "guided": GUIDED_SAMPLING,
-    "guided_noclf": {**GUIDED_SAMPLING, "scales": [0.0], "max_retries": 0, "cone": {"enabled": False},
-                     # one attempt: the retries' margin changes nothing
-                     "early_stop": {k: v for k, v in GUIDED_SAMPLING["early_stop"].items()
-                                    if k not in ("retry_margin", "on_retries")}},
-}
+# the classifier-gradient scale 0, i.e. what the diffusion prior alone does from the same start.
+GUIDED_VARIANTS = guided_variants(config)  # params: only what can change the counterfactuals
 CONE = bool(GUIDED_CFG["cone"]["enabled"])
 ROBUST_DIR = f"{RESULTS}/guided/robust"
 ROBUST_SPEC = f"{ROBUST_DIR}/robust.json"

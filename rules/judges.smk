@@ -167,6 +167,7 @@ rule judges:
         closeness=rules.closeness.output.per_image,
         realism=rules.realism.output.csv,
         features=rules.realism.output.features,
+        guided_index=[cf_index("guided")] if "guided" in MET_GENERATORS else [],
     output:
         csv=f"{METRICS_DIR}/judges.csv",
         differences=f"{METRICS_DIR}/judges_differences.csv",

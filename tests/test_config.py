@@ -89,6 +89,33 @@ def test_result_settings_drop_run_only_keys_and_run_settings_put_them_back():
         get(cfg, key)
 
 
+def test_guided_params_hold_only_what_can_change_the_counterfactuals():
+    """cfaudit.config.guided_variants: a setting the sampler cannot act on is left out of the params (so changing
+    it reruns nothing) — the retry margin when retries do not early-stop, the angle of a cone that is off — and
+    kept where it acts; guided_noclf is one unguided attempt with the same mask, strength and early stop."""
+    from cfaudit.config import guided_variants
+
+    def variants(**guided):
+        return guided_variants(load_config(REPO / "config.yaml", overrides={"guided": guided}))
+
+    def stop(on_retries, retry_margin):
+        return {"early_stop": {"on_retries": on_retries, "retry_margin": retry_margin}}
+
+    assert variants(**stop(False, 0.0)) == variants(**stop(False, 0.2))
+    assert "retry_margin" not in variants(**stop(False, 0.2))["guided"]["early_stop"]
+    assert variants(**stop(True, 0.05))["guided"]["early_stop"]["retry_margin"] == 0.05
+    assert variants(**stop(True, 0.0)) != variants(**stop(True, 0.05))
+    off = {"cone": {"enabled": False, "angle": 30}}
+    assert variants(**off) == variants(cone={"enabled": False, "angle": 60})
+    assert variants(**off)["guided"]["cone"] == {"enabled": False}
+    both = variants(**stop(True, 0.05))
+    noclf = both["guided_noclf"]
+    assert noclf["scales"] == [0.0] and noclf["max_retries"] == 0 and noclf["cone"] == {"enabled": False}
+    assert noclf["mask"] == both["guided"]["mask"] and noclf["strength"] == both["guided"]["strength"]
+    assert noclf["early_stop"] == {k: v for k, v in both["guided"]["early_stop"].items()
+                                   if k not in ("retry_margin", "on_retries")}
+
+
 def test_the_same_settings_in_another_key_order_give_the_same_config_order():
     """Snakemake compares recorded params as text: key order must not depend on how a file was written."""
     a = yaml.safe_load("dataset: {synthetic: {size: 48, n_images: 40}}\nseed: 3\n")

@@ -279,6 +279,34 @@ def test_unmet_sources_name_the_counterfactuals_behind_each_unmet_check():
     assert "carry 90% of its mean" in lines[2] and "A → malignant, B → benign" in lines[2] and "H →" not in lines[2]
     assert "loses 2 of its 2" in lines[3] and "jpeg75 1, blur0.5 2, shift1 0" in lines[3] and "the GAN 0 of 2" in lines[3]
     assert unmet_sources(criteria.assign(met="yes"), per_image, features, survival, consensus) == []
+    # 'above PGD' lost on the interval, not the estimate: guided flips 1, 1, 0.5 vs PGD 0, 1, 1 -> +0.17 over 3
+    consensus["pgd"] = pd.DataFrame({"anchor_id": ["A", "D", "E"], "direction": ["m2b"] * 3, "flipped": [0.0, 1.0, 1.0]})
+    consensus["guided"] = pd.DataFrame({"anchor_id": ["A", "D", "E"], "direction": ["m2b"] * 3, "flipped": [1.0, 1.0, 0.5]})
+    pgd_check = pd.DataFrame({"criterion": ["oracle flip rate above PGD's (interval above 0)"], "direction": ["m→b"],
+                              "met": ["no"]})
+    (line, named), = unmet_sources(pgd_check, per_image, None, survival, consensus)
+    assert list(named["anchor_id"]) == ["E"] and "ahead on average (+0.17 over 3 anchors)" in line
+
+
+def test_sampler_trace_says_how_the_named_pairs_were_made():
+    """cfaudit.judges_sources.sampler_trace: for the named pairs and for all pairs of the index, the retries (with
+    their scales), the pairs guided at every step and the median mask share, counted by hand; unmet_sources ends
+    each line with it when given the index, and pairs missing from the index give no trace."""
+    from cfaudit.judges_sources import sampler_trace, unmet_sources
+
+    index = pd.DataFrame({"anchor_id": ["A", "A", "B", "B"], "target_label": [0, 1, 0, 1], "attempts": [1, 3, 2, 1],
+                          "scale": [0.1, 0.9, 0.3, 0.1], "guided_steps": [2, 8, 8, 8], "steps": [8] * 4,
+                          "mask_fraction": [0.1, 0.5, 0.3, 0.2]})
+    pairs = pd.DataFrame({"anchor_id": ["A", "B"], "target_label": [1, 0]})
+    text = sampler_trace(index, pairs)
+    assert "of the 2 named, 2 from a retry (scale 0.3/0.9), 2 guided at every step, median mask 0.40" in text
+    assert "of all 4, 2 from a retry (scale 0.3/0.9), 3 guided at every step, median mask 0.25" in text
+    assert sampler_trace(index, pd.DataFrame({"anchor_id": ["Z"], "target_label": [1]})) == ""
+    per_image = pd.DataFrame({"generator": ["guided", "gan"], "anchor_id": ["A", "A"], "anchor_label": [0, 0],
+                              "target_label": [1, 1], "out_of_gamut_share": [0.5, 0.1]})
+    criteria = pd.DataFrame({"criterion": ["out-of-gamut share ≤ the GAN's"], "direction": ["both"], "met": ["no"]})
+    (line, named), = unmet_sources(criteria, per_image, None, {}, {}, index)
+    assert line.endswith(sampler_trace(index, named)) and "of the 1 named, 1 from a retry (scale 0.9)" in line
 
 
 def test_thumbnails_show_the_anchor_and_the_named_counterfactual(tmp_path):
@@ -550,6 +578,9 @@ def test_judges_stage_end_to_end_on_a_tiny_run(all_stages_run):
     for page in (html, md):  # the checks of guided against the GAN, SDEdit and PGD, one row each
         assert "Does guided beat the baselines on every independent check?" in page
         assert page.count("oracle flip rate above PGD") == 2 and "flip survival ≥ the GAN" in page
+    sources = md.split("Where the unmet checks come from", 1)[1].split("## Paired", 1)[0] if "Where the unmet" in md else ""
+    named = [line for line in sources.splitlines() if line.startswith("- ") and "→" in line]
+    assert all("Sampler (guided's index.csv)" in line for line in named)  # the rule passes guided's index
     table1 = pd.read_csv(res / "metrics/table1.csv")
     assert table1["metric"].str.startswith("oracle flip rate b→m [r34]").any()
     assert table1["metric"].str.startswith("transfer ratio").any()

@@ -11,5 +11,6 @@ with script_logging(smk.log[0]):
     make_judges(smk.input.scores, smk.input.anchors, smk.input.spec, dict(zip(names, smk.input.oracle_scores)),
                 dict(zip(names, smk.input.oracle_specs)), smk.input.diagnostics, smk.input.closeness,
                 smk.input.realism, smk.input.features, smk.params.generators, smk.params.bootstrap, smk.params.seed,
-                smk.params.fd_resamples, smk.output.csv, smk.output.differences, smk.output.md, smk.output.html)
+                smk.params.fd_resamples, smk.output.csv, smk.output.differences, smk.output.md, smk.output.html,
+                guided_index_path=smk.input.guided_index[0] if smk.input.guided_index else None)
     write_job_provenance(smk, [smk.output.csv, smk.output.differences, smk.output.md, smk.output.html], started)

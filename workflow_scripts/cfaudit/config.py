@@ -234,3 +234,20 @@ def run_settings(params: dict, config: dict, section: str) -> dict:
                 node[last] = get(config, key)
     return out
 
+
+def guided_variants(config: dict) -> dict:
+    """The guided rules' params, {generator: settings}: only what can change the counterfactuals, so that a
+    setting that cannot (the angle of a cone that is off, a retry margin when retries do not early-stop, the
+    unsmoothed mask of every run before the key existed) reruns nothing. ``guided_noclf`` is the same sampler with
+    the classifier-gradient scale 0 and one attempt (a control of the judges): no gradient, so no cone either."""
+    sampling = result_settings(config, "guided", drop=("cone.model",))  # the model is the robust rule's input
+    if not sampling["cone"]["enabled"]:
+        sampling["cone"] = {"enabled": False}
+    if not sampling["mask"].get("smooth"):
+        sampling["mask"].pop("smooth", None)
+    if not sampling["early_stop"].get("on_retries", True):
+        sampling["early_stop"].pop("retry_margin", None)
+    noclf_stop = {k: v for k, v in sampling["early_stop"].items() if k not in ("retry_margin", "on_retries")}
+    return {"guided": sampling,
+            "guided_noclf": {**sampling, "scales": [0.0], "max_retries": 0, "cone": {"enabled": False},
+                             "early_stop": noclf_stop}}

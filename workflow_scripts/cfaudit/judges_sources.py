@@ -63,15 +63,41 @@ def lost_flips(survival: pd.DataFrame) -> pd.DataFrame:
     return lost.reset_index(drop=True)
 
 
+def paired_gap(consensus: dict, generator: str, other: str, direction: str) -> pd.Series:
+    """Per anchor of ``direction`` judged for both: ``other``'s mean oracle flip minus ``generator``'s (the judges'
+    paired difference, per anchor and with the opposite sign)."""
+    a = consensus[generator].query("direction == @direction").set_index("anchor_id")["flipped"]
+    b = consensus[other].query("direction == @direction").set_index("anchor_id")["flipped"]
+    return (b - a.reindex(b.index)).dropna()
+
+
 def flips_behind(consensus: dict, generator: str, other: str, direction: str) -> pd.DataFrame:
     """Anchors of ``direction`` whose mean oracle flip is higher for ``other`` than for ``generator`` (the gap's
     anchors), largest gap first."""
-    a = consensus[generator].query("direction == @direction").set_index("anchor_id")["flipped"]
-    b = consensus[other].query("direction == @direction").set_index("anchor_id")["flipped"]
-    gap = (b - a.reindex(b.index)).dropna()
+    gap = paired_gap(consensus, generator, other, direction)
     gap = gap[gap > 0].sort_values(ascending=False, kind="stable")
     return pd.DataFrame({"anchor_id": gap.index.astype(str), "gap": gap.to_numpy(),
                          "target_label": J.DIRECTIONS[direction][1]})
+
+
+def sampler_trace(index: pd.DataFrame, pairs: pd.DataFrame) -> str:
+    """How the guided sampler made the named pairs, beside all its pairs (from its index.csv): how many came from a
+    retry and at which guidance scales, how many were guided to the last step (no early stop) and their median
+    mask share — the sampler's side of why those counterfactuals differ from the rest. '' without the pairs."""
+    keys = set(zip(pairs["anchor_id"].astype(str), pairs["target_label"].astype(int)))
+    mine = index[[k in keys for k in zip(index["anchor_id"].astype(str), index["target_label"].astype(int))]]
+    if mine.empty:
+        return ""
+
+    def describe(d):
+        retries = d[d["attempts"] > 1]
+        scales = "/".join(f"{s:g}" for s in sorted(retries["scale"].unique()))
+        every = int((d["guided_steps"] >= d["steps"]).sum())
+        return (f"{len(retries)} from a retry" + (f" (scale {scales})" if len(retries) else "")
+                + f", {every} guided at every step, median mask {d['mask_fraction'].median():.2f} of the image")
+
+    return (f"Sampler ({METHOD}'s index.csv): of the {len(mine)} named, {describe(mine)}; of all {len(index)}, "
+            f"{describe(index)}.")
 
 
 def _fd_source(features: dict | None, baselines: list[str]) -> Source | None:
@@ -121,14 +147,19 @@ def _flip_source(consensus: dict, other: str, direction: str) -> Source:
     if other == "pgd":
         text += (" — PGD works at guided's own per-image L2 budget; whether any generator can beat it on this data "
                  "is the ceiling (docs/judges.md; python -m cfaudit.ceiling on the embedded data)")
+        gap = paired_gap(consensus, METHOD, other, direction)
+        if len(gap) and gap.mean() < 0:
+            text += (f"; {METHOD} is ahead on average (+{-gap.mean():.2f} over {len(gap)} anchors) but the paired "
+                     "interval reaches 0: too few anchors to call it")
     return text + ".", behind
 
 
 def unmet_sources(criteria: pd.DataFrame, per_image: pd.DataFrame, features: dict | None, survival: dict,
-                  consensus: dict) -> list[Source]:
+                  consensus: dict, index: pd.DataFrame | None = None) -> list[Source]:
     """One (line, pairs) per unmet check of ``criteria`` (:func:`cfaudit.judges_stage.criteria_table`): the line
     names the counterfactuals or anchors behind it, ``pairs`` (anchor_id, target_label) are they, worst first;
-    ``survival`` / ``consensus``: {generator: the judges' per-anchor tables}."""
+    ``survival`` / ``consensus``: {generator: the judges' per-anchor tables}; ``index``: the method's
+    counterfactual index, whose sampler columns (:func:`sampler_trace`) end each line when given."""
     arrows = {v: k for k, v in J.ARROWS.items()}
     lines, fd_done = [], False
     for r in criteria[criteria["met"] == "no"].itertuples(index=False):
@@ -145,7 +176,9 @@ def unmet_sources(criteria: pd.DataFrame, per_image: pd.DataFrame, features: dic
             lines.append(_gamut_source(per_image))
         elif c.startswith("flip survival") and METHOD in survival:
             lines.append(_survival_source(survival))
-    return lines
+    if index is None:
+        return lines
+    return [(" ".join(filter(None, [text, sampler_trace(index, pairs)])), pairs) for text, pairs in lines]
 
 
 def _png_data_uri(image, size: int) -> str:

@@ -360,8 +360,9 @@ def criteria_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str
 
 def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracle_specs: dict, diagnostics_path,
                 closeness_path, realism_csv, features_path, generators, boot: dict, seed: int, fd_resamples: int,
-                out_csv, out_diff, out_md, out_html) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """judges.csv (long), judges_differences.csv (paired a - b), judges.md / judges.html (summary + verdicts)."""
+                out_csv, out_diff, out_md, out_html, guided_index_path=None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """judges.csv (long), judges_differences.csv (paired a - b), judges.md / judges.html (summary + verdicts);
+    ``guided_index_path``: guided's index.csv, whose sampler columns say how the pairs behind an unmet check were made."""
     thr = float(read_spec(spec_path)["threshold"])
     scores = read_scores(scores_path, anchors_path)
     oracle_tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
@@ -406,7 +407,8 @@ def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracl
     write_csv(diffs, out_diff)
     notes = judges_notes(specs, boot)
     criteria = criteria_table(long, diffs, list(generators))
-    sources = unmet_sources(criteria, per_image, features, survivals, consensus)
+    index = pd.read_csv(guided_index_path, dtype={"anchor_id": str}) if guided_index_path else None
+    sources = unmet_sources(criteria, per_image, features, survivals, consensus, index)
     atomic_write_text(out_md, judges_markdown(summary, diffs, notes, criteria, [text for text, _ in sources]))
     atomic_write_text(out_html, judges_html(summary, diffs, notes, criteria, sources, scores))
     log.info("judges: %s", dict(zip(summary["generator"], summary["verdict"])))
