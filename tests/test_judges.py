@@ -238,9 +238,39 @@ def test_criteria_table_checks_guided_against_each_baseline_by_its_own_rule():
     assert met[("out-of-gamut share ≤ the GAN's", "both")] == "no"
     assert met[("flip survival ≥ the GAN's", "both")] == "yes"
     assert table[table["criterion"].str.startswith("oracle flip rate ≥")]["paired difference [95 % CI]"].eq("—").all()
+    # gamut and survival read their interval from the mean differences when the judges computed them
+    extra = pd.DataFrame([{"a": "guided", "b": "gan", "direction": "both", "metric": m, "estimate": e, "ci_low": lo,
+                           "ci_high": hi, "n": 10, "interval": "bootstrap"}
+                          for m, e, lo, hi in (("out-of-gamut share", 0.02, 0.01, 0.03),
+                                               ("flip survival (mean of 3)", 0.0, -0.1, 0.1))])
+    ci = criteria_table(long, pd.concat([diffs, extra]), ["gan", "guided"]).set_index("criterion")["paired difference [95 % CI]"]
+    assert ci["out-of-gamut share ≤ the GAN's"] == "+0.02 [+0.01, +0.03]"
+    assert ci["flip survival ≥ the GAN's"] == "+0 [-0.1, +0.1]"
     # without the GAN its checks are left out; without guided there is nothing to check
     assert not criteria_table(long, diffs, ["diffusion", "guided", "pgd"])["criterion"].str.contains("GAN").any()
     assert criteria_table(long, diffs, ["gan", "pgd"]).empty
+
+
+def test_mean_difference_is_the_difference_of_the_pooled_means_with_an_anchor_bootstrap():
+    """cfaudit.judges_stage.mean_difference: the estimate is mean(a) − mean(b) over each side's own finite units
+    (however many each anchor has), equal sides give a zero-width interval, and the interval covers the estimate;
+    unit_values gives one survival value per flip (the mean over the transforms) and drops anchors without one."""
+    from cfaudit.judges_stage import mean_difference, unit_values
+
+    a = pd.DataFrame({"anchor_id": ["A", "A", "B", "C", "D"], "value": [0.1, 0.3, 0.2, np.nan, 0.6]})
+    b = pd.DataFrame({"anchor_id": ["A", "B", "C"], "value": [0.0, 0.1, 0.5]})
+    row = mean_difference(a, b, 200, 0, 0.95)
+    assert row["estimate"] == pytest.approx(np.mean([0.1, 0.3, 0.2, 0.6]) - np.mean([0.0, 0.1, 0.5]))
+    assert row["n"] == 4 and row["ci_low"] <= row["estimate"] <= row["ci_high"]
+    same = mean_difference(b, b, 200, 0, 0.95)
+    assert (same["estimate"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    survival = {"guided": pd.DataFrame({"anchor_id": ["A", "B"], "direction": ["b2m", "m2b"],
+                                        "jpeg75": [1.0, np.nan], "blur0.5": [0.0, np.nan], "shift1": [1.0, np.nan]})}
+    per_image = pd.DataFrame({"generator": ["guided"] * 2, "anchor_id": ["A", "A"], "anchor_label": [0, 0],
+                              "target_label": [0, 1], "out_of_gamut_share": [0.9, 0.2]})
+    units = unit_values(per_image, survival)
+    assert units["flip survival (mean of 3)"]["guided"]["value"].tolist()[0] == pytest.approx(2 / 3)
+    assert units["out-of-gamut share"]["guided"]["value"].tolist() == [0.2]  # toward the other class only
 
 
 def test_unmet_sources_name_the_counterfactuals_behind_each_unmet_check():
