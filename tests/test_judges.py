@@ -316,6 +316,9 @@ def test_unmet_sources_name_the_counterfactuals_behind_each_unmet_check():
                               "met": ["no"]})
     (line, named), = unmet_sources(pgd_check, per_image, None, survival, consensus)
     assert list(named["anchor_id"]) == ["E"] and "ahead on average (+0.17 over 3 anchors)" in line
+    consensus["guided"] = consensus["pgd"].copy()  # the same flips: nothing behind, a tie
+    (line, named), = unmet_sources(pgd_check, per_image, None, survival, consensus)
+    assert named.empty and "0 anchors where PGD" in line and "a tie on average over 3 anchors" in line
 
 
 def test_sampler_trace_says_how_the_named_pairs_were_made():
@@ -609,7 +612,7 @@ def test_judges_stage_end_to_end_on_a_tiny_run(all_stages_run):
         assert "Does guided beat the baselines on every independent check?" in page
         assert page.count("oracle flip rate above PGD") == 2 and "flip survival ≥ the GAN" in page
     sources = md.split("Where the unmet checks come from", 1)[1].split("## Paired", 1)[0] if "Where the unmet" in md else ""
-    named = [line for line in sources.splitlines() if line.startswith("- ") and "→" in line]
+    named = [line for line in sources.splitlines() if line.startswith("- ") and re.search(r"→ (benign|malignant)", line)]
     assert all("Sampler (guided's index.csv)" in line for line in named)  # the rule passes guided's index
     table1 = pd.read_csv(res / "metrics/table1.csv")
     assert table1["metric"].str.startswith("oracle flip rate b→m [r34]").any()

@@ -151,6 +151,8 @@ def _flip_source(consensus: dict, other: str, direction: str) -> Source:
         if len(gap) and gap.mean() < 0:
             text += (f"; {METHOD} is ahead on average (+{-gap.mean():.2f} over {len(gap)} anchors) but the paired "
                      "interval reaches 0: too few anchors to call it")
+        elif len(gap) and gap.mean() == 0:
+            text += f"; a tie on average over {len(gap)} anchors, and 'above' needs the interval above 0"
     return text + ".", behind
 
 
