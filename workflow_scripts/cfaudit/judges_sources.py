@@ -71,10 +71,9 @@ def paired_gap(consensus: dict, generator: str, other: str, direction: str) -> p
     return (b - a.reindex(b.index)).dropna()
 
 
-def flips_behind(consensus: dict, generator: str, other: str, direction: str) -> pd.DataFrame:
-    """Anchors of ``direction`` whose mean oracle flip is higher for ``other`` than for ``generator`` (the gap's
-    anchors), largest gap first."""
-    gap = paired_gap(consensus, generator, other, direction)
+def flips_behind(gap: pd.Series, direction: str) -> pd.DataFrame:
+    """The anchors of a :func:`paired_gap` where the other generator's mean oracle flip is higher, largest gap
+    first."""
     gap = gap[gap > 0].sort_values(ascending=False, kind="stable")
     return pd.DataFrame({"anchor_id": gap.index.astype(str), "gap": gap.to_numpy(),
                          "target_label": J.DIRECTIONS[direction][1]})
@@ -125,12 +124,12 @@ def _gamut_source(per_image: pd.DataFrame) -> Source:
 
 
 def _survival_source(survival: dict) -> Source:
-    def count(g):
-        s = survival[g]
-        return len(lost_flips(s)), int(s[list(J.TRANSFORMS)].notna().any(axis=1).sum())
+    def flips(g):
+        return int(survival[g][list(J.TRANSFORMS)].notna().any(axis=1).sum())
 
     lost = lost_flips(survival[METHOD])
-    (k, n), (kg, ng) = count(METHOD), count("gan") if "gan" in survival else (0, 0)
+    k, n = len(lost), flips(METHOD)
+    kg, ng = (len(lost_flips(survival["gan"])), flips("gan")) if "gan" in survival else (0, 0)
     where = {t: int(lost["lost_under"].str.contains(t, regex=False).sum()) for t in J.TRANSFORMS}
     return (f"flip survival: {METHOD} loses {k} of its {n} audited flips under at least one transform "
             f"({', '.join(f'{t} {c}' for t, c in where.items())}): "
@@ -138,7 +137,8 @@ def _survival_source(survival: dict) -> Source:
 
 
 def _flip_source(consensus: dict, other: str, direction: str) -> Source:
-    behind = flips_behind(consensus, METHOD, other, direction)
+    gap = paired_gap(consensus, METHOD, other, direction)
+    behind = flips_behind(gap, direction)
     label = "PGD" if other == "pgd" else "the GAN"
     text = (f"oracle flips {J.ARROWS[direction]} vs {label}: {len(behind)} anchor{'' if len(behind) == 1 else 's'} "
             f"where {label}'s counterfactual flips more "
@@ -147,7 +147,6 @@ def _flip_source(consensus: dict, other: str, direction: str) -> Source:
     if other == "pgd":
         text += (" — PGD works at guided's own per-image L2 budget; whether any generator can beat it on this data "
                  "is the ceiling (docs/judges.md; python -m cfaudit.ceiling on the embedded data)")
-        gap = paired_gap(consensus, METHOD, other, direction)
         if len(gap) and gap.mean() < 0:
             text += (f"; {METHOD} is ahead on average (+{-gap.mean():.2f} over {len(gap)} anchors) but the paired "
                      "interval reaches 0: too few anchors to call it")
