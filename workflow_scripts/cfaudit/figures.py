@@ -227,8 +227,10 @@ def realism_figure(table: pd.DataFrame, path, dpi: int = 150, reason: str = "") 
         ax.bar(part["set"], part["value"], color=colors, yerr=None if np.isnan(err).all() else err, capsize=4)
         for i, v in enumerate(part["value"]):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.set(ylabel=metric, title=f"{metric} vs real non-anchor eval images (N={int(part['n_real'].iloc[0])})")
-        ax.tick_params(axis="x", labelsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric}\nvs real non-anchor eval images (N={int(part['n_real'].iloc[0])})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30)  # long set names must not run into each other
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     metric = str(fd["metric"].iloc[0]) if len(fd) else ""
     title = ("Realism: FID / KID (pytorch-fid Inception)" if metric == "FID"
              else f"Realism: {metric} / KID (NOT FID)")
