@@ -114,6 +114,7 @@ rule pgd_counterfactuals:
     params:
         pgd=result_settings(config, "metrics.judges.pgd"),  # without the batch size: it changes no pixel
     threads: job_threads("pgd_counterfactuals")
+    priority: 1  # scheduling only: the judges wait on it, so it starts as soon as guided is gathered
     resources:
         **job_resources("pgd_counterfactuals"),
     conda:

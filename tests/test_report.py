@@ -70,6 +70,17 @@ def test_provenance_records_inputs_config_code_and_times(tmp_path):
     assert many["n_files"] == 1 and "files" not in many
 
 
+def test_device_record_loads_torch_only_when_asked():
+    """A light job (figures, tables) never loads torch just to write its sidecar (~2 s of each job's time); the run
+    identity asks for it, so the report still names the GPU and torch's CUDA build. In a fresh interpreter."""
+    code = ("import sys; from cfaudit.provenance import device_info; a = device_info(); "
+            "loaded = 'torch' in sys.modules; b = device_info(query_torch=True); "
+            "print(loaded, 'torch_cuda' in a, a['gpu'], 'torch_cuda' in b, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO / "workflow_scripts").stdout.split()
+    assert out == ["False", "False", "None", "True", "True"], out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Metric and figure rules on synthetic upstream files (fast)
 # ---------------------------------------------------------------------------------------------------------

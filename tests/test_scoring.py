@@ -83,6 +83,20 @@ def test_scores_table(workspace):
     assert any(i["path"] == "classifier.json" and len(i["sha256"]) == 64 for i in side["inputs"])
 
 
+def test_scores_do_not_depend_on_the_thread_count(workspace):
+    """resources.schema.yaml gives the score rules one thread by default on that ground: the same table, byte for
+    byte, with 1 and 2 torch threads and 1 or 2 decode workers."""
+    written = []
+    for threads in (1, 2):
+        out = f"results/scores/t{threads}.csv"
+        run_scoring("classifier.json", "anchors.csv", "pack_index.csv", "split.csv",
+                    {"gan": "results/counterfactuals/gan/index.csv"}, out, dict(SCORING, workers=0), "cpu",
+                    threads=threads)
+        written.append(open(out, "rb").read())
+    torch.set_num_threads(1)
+    assert written[0] == written[1]
+
+
 def test_logit_space_eval_originals_and_torch_backend(workspace):
     spec = json.loads(open("classifier.json").read())
     spec["score_space"] = "logit"

@@ -24,7 +24,6 @@ from cfaudit.files import atomic_write_text
 from cfaudit.judges_sources import unmet_sources
 from cfaudit.metrics_stage import comparable_pair, read_scores, read_spec, real_reference_index
 from cfaudit.names import ORIGINAL
-from cfaudit.scoring import load_raw
 
 log = logging.getLogger("cfaudit.judges")
 
@@ -53,6 +52,7 @@ def make_diagnostics(spec_path, index_paths: dict, anchors_path, pack, pack_inde
     from cfaudit.classifiers import load_classifier
     from cfaudit.data.pack import load_pack
     from cfaudit.counterfactuals import read_anchor_pixels
+    from cfaudit.scoring import load_raw  # here, not at the top: scoring loads torch, which the judges job never needs
 
     clf = load_classifier(spec_path, device)
     anchors = pd.read_csv(anchors_path)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -64,15 +65,23 @@ def package_versions(names=PACKAGES) -> dict:
     return out
 
 
-def device_info() -> dict:
+def device_info(query_torch: bool = False) -> dict:
+    """The machine a job ran on. torch (its CUDA build, the GPU) is asked only when the job already loaded it, or
+    when ``query_torch``: a job that never imported torch computed on the CPU, and importing torch (~2 s) only to
+    write this record was most of the time of the pipeline's ~40 light jobs."""
     info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is None and query_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+    if torch is not None:
         info["torch_cuda"] = torch.version.cuda
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
+    else:
         info["gpu"] = None
+        info["torch"] = "not loaded by this job (it computed on the CPU)"
     info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return info
 
