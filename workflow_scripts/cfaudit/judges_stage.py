@@ -398,9 +398,11 @@ def criteria_table(long: pd.DataFrame, diffs: pd.DataFrame, generators: list[str
 
 def make_judges(scores_path, anchors_path, spec_path, oracle_scores: dict, oracle_specs: dict, diagnostics_path,
                 closeness_path, realism_csv, features_path, generators, boot: dict, seed: int, fd_resamples: int,
-                out_csv, out_diff, out_md, out_html, guided_index_path=None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                out_csv, out_diff, out_md, out_html,
+                guided_index_path=None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """judges.csv (long), judges_differences.csv (paired a - b), judges.md / judges.html (summary + verdicts);
-    ``guided_index_path``: guided's index.csv, whose sampler columns say how the pairs behind an unmet check were made."""
+    ``guided_index_path``: guided's index.csv, whose sampler columns say how the pairs behind an unmet check were
+    made."""
     thr = float(read_spec(spec_path)["threshold"])
     scores = read_scores(scores_path, anchors_path)
     oracle_tabs = {n: read_scores(p, anchors_path) for n, p in oracle_scores.items()}
@@ -508,9 +510,9 @@ CRITERIA_TITLE = "Does guided beat the baselines on every independent check?"
 CRITERIA_NOTE = ("'met' compares the estimates ('above PGD': the paired interval lies above 0); the paired "
                  "interval (guided − other, bootstrap over anchors; for the FD, of the FD over all images; for "
                  "gamut and survival, of the difference of the two means, a resampled anchor bringing all its "
-                 "counterfactuals or flips) says how sure that is. A 'no' is a result, not an error: docs/judges.md says why a "
-                 "check can be out of reach (the ceiling) and what to look at; the lines below name the "
-                 "counterfactuals behind each 'no'.")
+                 "counterfactuals or flips) says how sure that is. A 'no' is a result, not an error: "
+                 "docs/judges.md says why a check can be out of reach (the ceiling) and what to look at; the lines "
+                 "below name the counterfactuals behind each 'no'.")
 
 
 SOURCES_TITLE = "Where the unmet checks come from (cfaudit.judges_sources; the counterfactuals to look at)"

@@ -29,8 +29,8 @@ def run_identity(config: dict) -> dict:
     dirty = code.get("dirty")
     return {"git_commit": code.get("commit") or f"none ({code.get('note', 'unknown')})",
             "git_dirty": "unknown" if dirty is None else ("yes" if dirty else "no"),
-            "config_sha256": config_sha256(config), "packages": package_versions(), "device": device_info(query_torch=True),
-            "recorded": now()}
+            "config_sha256": config_sha256(config), "packages": package_versions(),
+            "device": device_info(query_torch=True), "recorded": now()}
 
 
 def identity_rst(identity: dict) -> str:
